@@ -1,0 +1,162 @@
+"""Results and reports: frozen records, versioned JSON written atomically, refused when the version is unknown."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+
+from .errors import ReportError
+
+__all__ = ["SCHEMA_VERSION", "Result", "Report", "environment", "write_json_atomic", "load_report"]
+
+SCHEMA_VERSION = 1
+
+
+def _finite_or_none(x):
+    """JSON has no inf/NaN: store them as null (``diverged_at`` and ``status`` say why)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """One run's record. ``status`` is "ok", "diverged", "unavailable" or "error" (then ``message`` says why);
+    metric fields are None where they do not apply."""
+
+    spec: dict
+    status: str
+    message: str = ""
+    time_per_step_s: float | None = None
+    compile_s: float | None = None
+    final_loss: float | None = None
+    bits_of_agreement: float | None = None
+    rel_l2: float | None = None
+    max_ulp: float | None = None
+    loss_gap: float | None = None
+    flip_rate: float | None = None
+    diverged_at: int | None = None
+    fingerprint: str | None = None
+    drift: tuple = ()  # ({"step", "rel_l2", "bits"}, ...)
+
+    @property
+    def id(self) -> str:
+        return self.spec["id"]
+
+    def to_dict(self) -> dict:
+        out = {k: _finite_or_none(v) for k, v in dataclasses.asdict(self).items()}
+        out["drift"] = [{k: _finite_or_none(v) for k, v in point.items()} for point in self.drift]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Result":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in fields}
+        kwargs["drift"] = tuple(kwargs.get("drift", ()))
+        return cls(**kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    results: tuple[Result, ...]
+    environment: dict
+    created: str = ""
+
+    def to_dict(self) -> dict:
+        return {"schema_version": SCHEMA_VERSION, "created": self.created, "environment": self.environment,
+                "results": [r.to_dict() for r in self.results]}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        return write_json_atomic(path, self.to_dict())
+
+    def by_id(self) -> dict[str, Result]:
+        return {r.id: r for r in self.results}
+
+
+def write_json_atomic(path: str | os.PathLike, payload: dict) -> Path:
+    """Write JSON (sorted keys) to a temp file in the same folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(payload, fh, indent=1, sort_keys=True, allow_nan=False)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_report(path: str | os.PathLike) -> Report:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ReportError(f"report {str(path)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ReportError(f"report {str(path)!r} is not readable JSON: {exc}") from None
+    if not isinstance(data, dict) or "schema_version" not in data:
+        raise ReportError(f"report {str(path)!r} has no schema_version; is it a precision report?")
+    if data["schema_version"] != SCHEMA_VERSION:
+        raise ReportError(f"report {str(path)!r} has schema version {data['schema_version']!r}; this precision "
+                          f"reads version {SCHEMA_VERSION}")
+    try:
+        results = tuple(Result.from_dict(r) for r in data["results"])
+    except (KeyError, TypeError) as exc:
+        raise ReportError(f"report {str(path)!r} has a malformed result: {exc}") from None
+    return Report(results=results, environment=data.get("environment", {}), created=data.get("created", ""))
+
+
+def _version(module: str) -> str | None:
+    from importlib import metadata
+    try:
+        return metadata.version(module)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def environment() -> dict:
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "versions": {name: _version(name) for name in
+                     ("precision", "numpy", "ml_dtypes", "numba", "numba-cuda", "jax", "jaxlib", "optax")},
+        "git_commit": _git_commit(),
+    }
+
+
+def now_utc() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,116 @@
+"""Run specs: build each dataset once, train each spec, compare with its float64 reference, collect results.
+
+One failing configuration never loses the others: unavailable backends and errors become results with a status.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import traceback
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+from .backends import backend_availability, get_backend
+from .data import Dataset, make_dataset
+from .drift import compare, fingerprint
+from .errors import PrecisionError
+from .report import Report, Result, environment, now_utc
+from .spec import RunSpec
+from .trajectory import Trajectory
+
+__all__ = ["run", "run_one", "train", "dataset_for"]
+
+
+def dataset_for(spec: RunSpec) -> Dataset:
+    return make_dataset(spec.problem, spec.data, spec.seed, spec.steps, spec.batch_size)
+
+
+def train(spec: RunSpec, dataset: Dataset | None = None) -> Trajectory:
+    """Train one spec and return its raw trajectory (raises UnavailableError if its backend cannot run)."""
+    from .errors import UnavailableError
+    avail = backend_availability(spec.backend, spec.device)
+    if not avail.available:
+        raise UnavailableError(avail.reason)
+    return get_backend(spec.backend).train(spec, dataset if dataset is not None else dataset_for(spec))
+
+
+class _Cache:
+    """Datasets and reference trajectories, each made once per key."""
+
+    def __init__(self):
+        self.datasets: dict[tuple, Dataset] = {}
+        self.references: dict[RunSpec, Trajectory] = {}
+
+    def dataset(self, spec: RunSpec) -> Dataset:
+        key = (spec.problem, spec.data, spec.seed, spec.steps, spec.batch_size)
+        if key not in self.datasets:
+            self.datasets[key] = dataset_for(spec)
+        return self.datasets[key]
+
+    def reference(self, spec: RunSpec) -> Trajectory:
+        ref_spec = spec.reference()
+        if ref_spec not in self.references:
+            self.references[ref_spec] = train(ref_spec, self.dataset(ref_spec))
+        return self.references[ref_spec]
+
+
+def _result(spec: RunSpec, traj: Trajectory, ref: Trajectory, dataset: Dataset) -> Result:
+    drift = compare(traj, ref, dataset, spec.policy.params)
+    return Result(
+        spec=spec.to_dict(), status="diverged" if traj.diverged_at is not None else "ok",
+        time_per_step_s=traj.time_per_step_s, compile_s=traj.compile_s, final_loss=drift.final_loss,
+        bits_of_agreement=drift.bits_of_agreement, rel_l2=drift.rel_l2, max_ulp=drift.max_ulp,
+        loss_gap=drift.loss_gap, flip_rate=drift.flip_rate, diverged_at=traj.diverged_at,
+        fingerprint=fingerprint(traj.final_params),
+        drift=tuple(dataclasses.asdict(point) for point in drift.trajectory))
+
+
+def run_one(spec: RunSpec, cache: _Cache | None = None, save_params: Path | None = None) -> Result:
+    """Run one spec to a Result; never raises for the run's own failures."""
+    cache = cache or _Cache()
+    avail = backend_availability(spec.backend, spec.device)
+    if not avail.available:
+        return Result(spec=spec.to_dict(), status="unavailable", message=avail.reason)
+    try:
+        dataset = cache.dataset(spec)
+        ref = cache.reference(spec)
+        traj = get_backend(spec.backend).train(spec, dataset)
+        result = _result(spec, traj, ref, dataset)
+        if save_params is not None:
+            save_trajectory(save_params, spec, traj)
+        return result
+    except PrecisionError as exc:
+        return Result(spec=spec.to_dict(), status="error", message=str(exc))
+    except Exception as exc:  # one failing configuration never loses the others' results
+        last = traceback.extract_tb(exc.__traceback__)[-1]
+        return Result(spec=spec.to_dict(), status="error",
+                      message=f"{type(exc).__name__}: {exc} (at {Path(last.filename).name}:{last.lineno})")
+
+
+def save_trajectory(folder: Path, spec: RunSpec, traj: Trajectory) -> Path:
+    """The params trajectory of one run as .npz (float64 values at the record steps, final params as stored)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    safe = "".join(c if c.isalnum() or c in "-_.=" else "_" for c in spec.id)
+    path = folder / f"{safe}.npz"
+    tmp = folder / f".{safe}.tmp.npz"
+    np.savez(tmp, steps=traj.record_steps, params=traj.params, final_params=traj.final_params.view(
+        np.dtype(f"u{traj.final_params.dtype.itemsize}")), final_dtype=str(traj.final_params.dtype), id=spec.id)
+    tmp.replace(path)
+    return path
+
+
+def run(specs: Iterable[RunSpec], progress: Callable[[int, int, RunSpec, Result], None] | None = None,
+        save_params: str | Path | None = None) -> Report:
+    """Run every spec and return a Report. ``progress(i, n, spec, result)`` is called after each run."""
+    specs = list(specs)
+    cache = _Cache()
+    results = []
+    for i, spec in enumerate(specs, 1):
+        result = run_one(spec, cache, Path(save_params) if save_params else None)
+        results.append(result)
+        if progress is not None:
+            progress(i, len(specs), spec, result)
+    return Report(results=tuple(results), environment=environment(), created=now_utc())

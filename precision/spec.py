@@ -1,0 +1,61 @@
+"""RunSpec: everything a run depends on, frozen; its ``id`` names the result."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .errors import SpecError, choice_error
+from .optim import OptimizerSpec
+from .policy import PRESETS, Policy
+
+__all__ = ["RunSpec", "DEVICES"]
+
+DEVICES = ("cpu", "gpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    problem: str
+    optimizer: OptimizerSpec
+    policy: Policy
+    backend: str = "numpy"
+    device: str = "cpu"
+    data: str = "synthetic"
+    steps: int = 200
+    seed: int = 0
+    batch_size: int | None = 128  # None: full batch
+    record_every: int = 20
+
+    def __post_init__(self):
+        if not isinstance(self.steps, int) or self.steps <= 0:
+            raise SpecError(f"steps {self.steps!r} must be a positive integer")
+        if not isinstance(self.record_every, int) or self.record_every <= 0:
+            raise SpecError(f"record_every {self.record_every!r} must be a positive integer")
+        if self.batch_size is not None and self.batch_size <= 0:
+            raise SpecError(f"batch size {self.batch_size!r} must be positive (or 'full')")
+        if self.device not in DEVICES:
+            raise choice_error("device", self.device, DEVICES)
+
+    @property
+    def policy_name(self) -> str:
+        return self.policy.name
+
+    @property
+    def id(self) -> str:
+        """Stable, readable identity: the same string for the same run on any machine and commit."""
+        batch = "full" if self.batch_size is None else str(self.batch_size)
+        return (f"{self.problem}:{self.data}/{self.optimizer}/{self.policy.name}/{self.backend}-{self.device}"
+                f"/steps={self.steps},bs={batch},seed={self.seed},rec={self.record_every}")
+
+    def reference(self) -> "RunSpec":
+        """The float64 numpy run this one is measured against."""
+        return dataclasses.replace(self, policy=PRESETS["fp64"], backend="numpy", device="cpu")
+
+    def to_dict(self) -> dict:
+        return {
+            "id": self.id, "problem": self.problem, "data": self.data,
+            "optimizer": dataclasses.asdict(self.optimizer) | {"betas": list(self.optimizer.betas)},
+            "policy": str(self.policy), "policy_name": self.policy.name, "backend": self.backend,
+            "device": self.device, "steps": self.steps, "seed": self.seed, "batch_size": self.batch_size,
+            "record_every": self.record_every,
+        }

@@ -1,0 +1,44 @@
+"""The terminal table: one row per result, grouped so that backends and policies of one case sit together."""
+
+from __future__ import annotations
+
+from .report import Report, Result
+
+__all__ = ["format_table", "POLICY_ORDER"]
+
+POLICY_ORDER = ("fp64", "fp32", "bf16-mixed", "fp16-mixed", "fp16-mixed-ls", "bf16", "fp16", "fp8-mixed")
+
+
+def _num(x, fmt: str, missing: str = "-") -> str:
+    return missing if x is None else format(x, fmt)
+
+
+def _sort_key(r: Result):
+    s = r.spec
+    policy = s["policy_name"]
+    rank = POLICY_ORDER.index(policy) if policy in POLICY_ORDER else len(POLICY_ORDER)
+    return (s["problem"], s["data"], s["optimizer"]["name"], rank, policy, s["backend"], s["device"])
+
+
+def format_table(report: Report) -> str:
+    headers = ("problem", "optimizer", "policy", "backend", "us/step", "bits", "rel_l2", "max_ulp",
+               "loss", "loss_gap", "flips", "diverged", "status")
+    rows = []
+    for r in sorted(report.results, key=_sort_key):
+        s = r.spec
+        us = None if r.time_per_step_s is None else r.time_per_step_s * 1e6
+        rows.append((f"{s['problem']}:{s['data']}", s["optimizer"]["name"], s["policy_name"],
+                     f"{s['backend']}-{s['device']}", _num(us, ".1f"), _num(r.bits_of_agreement, ".1f"),
+                     _num(r.rel_l2, ".2e", "inf" if r.status == "diverged" else "-"), _num(r.max_ulp, ".3g"),
+                     _num(r.final_loss, ".4g"), _num(r.loss_gap, ".2e"), _num(r.flip_rate, ".3f"),
+                     _num(r.diverged_at, "d"), r.status if not r.message else f"{r.status}: {r.message[:60]}"))
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)), "  ".join("-" * w for w in widths)]
+    previous = None
+    for row in rows:
+        group = row[:2]
+        if previous is not None and group != previous:
+            lines.append("")
+        previous = group
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    return "\n".join(lines)
