@@ -1,0 +1,1 @@
+"""Subcommands of the ``precision`` CLI, one module each."""
