@@ -11,7 +11,7 @@ from .errors import PrecisionError
 
 __all__ = ["main", "COMMANDS"]
 
-COMMANDS = ("run", "list")
+COMMANDS = ("run", "list", "show")
 
 
 class _Parser(argparse.ArgumentParser):

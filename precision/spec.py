@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 
+from .data import DATA_SOURCES
 from .errors import SpecError, choice_error
 from .optim import OptimizerSpec
 from .policy import PRESETS, Policy
+from .problems import get_problem
 
 __all__ = ["RunSpec", "DEVICES"]
 
@@ -27,6 +29,9 @@ class RunSpec:
     record_every: int = 20
 
     def __post_init__(self):
+        get_problem(self.problem)  # raises, naming the valid problems
+        if self.data not in DATA_SOURCES:
+            raise choice_error("data set", self.data, DATA_SOURCES)
         if not isinstance(self.steps, int) or self.steps <= 0:
             raise SpecError(f"steps {self.steps!r} must be a positive integer")
         if not isinstance(self.record_every, int) or self.record_every <= 0:
