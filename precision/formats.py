@@ -136,7 +136,8 @@ def round_to(x, fmt: Format | str) -> np.ndarray:
     NaN for finite-only formats; NaN stays NaN; the sign of zero is kept.
     """
     fmt = get_format(fmt)
-    x = np.asarray(x, dtype=np.float64)
+    with np.errstate(invalid="ignore"):  # a float32 signalling NaN widens to a quiet NaN with an FP "invalid" flag
+        x = np.asarray(x, dtype=np.float64)
     if fmt.name == "fp64":
         return x.copy()
     with np.errstate(invalid="ignore", over="ignore"):
@@ -168,10 +169,12 @@ def to_float64(x) -> np.ndarray:
 
 def ulp(x, fmt: Format | str) -> np.ndarray:
     """Unit in the last place of ``fmt`` at |x| (spacing of ``fmt`` numbers there); ulp(0) is the smallest
-    subnormal. Values beyond the format's range use the top binade's spacing."""
+    subnormal. Values beyond the format's range (inf included) use the top binade's spacing; ulp(NaN) is NaN."""
     fmt = get_format(fmt)
-    x = np.abs(np.asarray(x, dtype=np.float64))
     with np.errstate(invalid="ignore"):
+        x = np.abs(np.asarray(x, dtype=np.float64))
         _, e = np.frexp(x)
-    exponent = np.clip(e - 1, fmt.min_exponent, fmt.max_exponent)
-    return np.ldexp(1.0, exponent - fmt.mantissa_bits)
+    # frexp gives exponent 0 for 0, inf and NaN: place 0 in the subnormal binade and inf in the top one.
+    exponent = np.where(x == 0, fmt.min_exponent, np.where(np.isinf(x), fmt.max_exponent, e - 1))
+    exponent = np.clip(exponent, fmt.min_exponent, fmt.max_exponent)
+    return np.where(np.isnan(x), np.nan, np.ldexp(1.0, exponent - fmt.mantissa_bits))[()]  # scalar in, scalar out

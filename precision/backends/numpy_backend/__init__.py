@@ -70,7 +70,8 @@ class NumpyBackend:
                     w = convert(w_u, pol.update, pol.weights)
                     st = [convert(x, pol.update, pol.state) for x in st_u]
                     p = convert(w, pol.weights, pol.params)
-                    if not np.isfinite(w).all():
+                    # Narrow params can overflow while the master copy is still finite (fp16 params > 65504).
+                    if not (np.isfinite(w).all() and np.isfinite(p).all()):
                         box.update(weights=w, params=p, state=st)
                         return step
             box.update(weights=w, params=p, state=st)
