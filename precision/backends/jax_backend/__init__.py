@@ -1,0 +1,125 @@
+"""The JAX backend: the training loop jit-compiled (ahead of time) as a ``lax.scan`` over chunks of steps, arrays
+in the policy's dtypes on the spec's device ("cpu" or "gpu"), float64 only inside a scoped x64 setting.
+
+How it works and every expected difference from the numpy reference: docs/jax.md.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import numpy as np
+
+from ...data import Dataset
+from ...errors import UnavailableError
+from ...formats import get_format, to_format
+from ...optim import scalar_table
+from ...policy import Policy
+from ...spec import DEVICES, RunSpec
+from ...trajectory import Trajectory
+from ..base import Availability, drive_chunks, record_schedule
+from ..numpy_backend import targets_for
+from ..numpy_backend.ops import convert as host_convert
+from .loop import Carry, LoopSpec, chunk_inputs, compile_chunk, initial_carry, lower_chunk
+from .update import structure
+
+__all__ = ["BACKEND", "JaxBackend", "needs_x64", "jax_device", "lower"]
+
+_FP64 = get_format("fp64")
+
+
+def needs_x64(policy: Policy) -> bool:
+    """Whether any quantity of the policy lives in float64 (JAX then needs x64 to hold it)."""
+    formats = (policy.params, policy.compute, policy.accum, policy.state, policy.master, policy.update)
+    return any(f is not None and f.name == "fp64" for f in formats)
+
+
+def jax_device(device: str) -> jax.Device:
+    """The first JAX device of kind ``device``; UnavailableError (with JAX's reason) when there is none."""
+    if device not in DEVICES:
+        raise UnavailableError(f"unknown device {device!r}; valid choices: {', '.join(DEVICES)}")
+    try:
+        found = jax.devices(device)
+    except RuntimeError as exc:  # jax: "Unknown backend: 'gpu' requested, but no platforms ... are present"
+        raise UnavailableError(f"the jax backend has no {device} device here: {exc}") from None
+    if not found:
+        raise UnavailableError(f"the jax backend has no {device} device here")
+    return found[0]
+
+
+class JaxBackend:
+    name = "jax"
+
+    def availability(self, device: str) -> Availability:
+        try:
+            jax_device(device)
+        except UnavailableError as exc:
+            return Availability(False, str(exc))
+        return Availability(True)
+
+    def devices(self) -> tuple[str, ...]:
+        return tuple(d for d in DEVICES if self.availability(d).available)
+
+    def train(self, spec: RunSpec, dataset: Dataset) -> Trajectory:
+        device = jax_device(spec.device)
+        # Scoped: the x64 flag is restored on exit, so no other JAX code in the process sees it changed. Set
+        # either way, so a user's global x64 setting cannot change how a narrow policy traces.
+        with jax.enable_x64(needs_x64(spec.policy)):
+            return _train(spec, dataset, device)
+
+
+class _Prepared(NamedTuple):
+    loop: LoopSpec
+    data: tuple  # (X, T, scale, unscale) on the device
+    inputs: dict  # chunk start -> StepInputs on the device
+    carry: Carry
+
+
+def _prepare(spec: RunSpec, dataset: Dataset, device: jax.Device) -> _Prepared:
+    """Everything a run feeds its compiled program, made on the host as the reference makes it, then placed."""
+    pol, opt = spec.policy, spec.optimizer
+    X = host_convert(dataset.X_train, _FP64, pol.compute)
+    T = host_convert(targets_for(dataset, dataset.y_train), _FP64, pol.compute)
+    # Host scalars, rounded once from float64 and passed typed (0-d arrays), as in the reference.
+    scale = to_format(np.float64((pol.loss_scale or 1.0) / dataset.batch_size), pol.compute)
+    unscale = to_format(np.float64(1.0 / pol.loss_scale if pol.loss_scale else 1.0), pol.update)
+    table = scalar_table(opt, spec.steps, pol.update).astype(pol.update.dtype)
+
+    marks = record_schedule(spec.steps, spec.record_every)
+    chunk_steps = int(max(np.diff(marks)))  # every chunk has this length; shorter ones are padded
+    batch = 0 if dataset.batches is None else int(dataset.batches.shape[1])
+    loop = LoopSpec(problem=spec.problem, layout=tuple(dataset.layout), optimizer=structure(opt), policy=pol,
+                    chunk_steps=chunk_steps, x_shape=X.shape, t_shape=T.shape, batch=batch,
+                    n_params=dataset.n_params, has_unscale=pol.loss_scale is not None, device=device)
+    inputs = {start: chunk_inputs(table, dataset.batches, start, stop, chunk_steps, device)
+              for start, stop in zip(marks[:-1], marks[1:])}
+    return _Prepared(loop, jax.device_put((X, T, scale, unscale), device), inputs,
+                     initial_carry(dataset.init_params, pol, opt, device))
+
+
+def lower(spec: RunSpec, dataset: Dataset):
+    """The run's chunk program, traced and lowered but not compiled (``.as_text()`` shows its StableHLO): how the
+    policy's dtypes appear in the program."""
+    with jax.enable_x64(needs_x64(spec.policy)):
+        prepared = _prepare(spec, dataset, jax_device(spec.device))
+        return lower_chunk(prepared.loop, spec.optimizer, (prepared.carry, prepared.inputs[0], *prepared.data))
+
+
+def _train(spec: RunSpec, dataset: Dataset, device: jax.Device) -> Trajectory:
+    prepared = _prepare(spec, dataset, device)
+    box = {"carry": prepared.carry}
+    program, compile_s = compile_chunk(prepared.loop, spec.optimizer,
+                                       (prepared.carry, prepared.inputs[0], *prepared.data))
+
+    def run_chunk(start: int, stop: int) -> int | None:
+        carry = program.run(box["carry"], prepared.inputs[start], *prepared.data)  # old carry donated
+        box["carry"] = jax.block_until_ready(carry)
+        bad = int(carry.diverged_at)
+        return bad or None
+
+    return drive_chunks(spec, run_chunk, snapshot=lambda: np.asarray(box["carry"].params).astype(np.float64),
+                        final_params=lambda: np.array(box["carry"].params), compile_s=compile_s)
+
+
+BACKEND = JaxBackend()

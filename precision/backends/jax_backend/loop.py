@@ -1,0 +1,176 @@
+"""The training step and the compiled chunk loop: ``lax.scan`` over a fixed number of steps, buffers donated.
+
+Formats flow exactly as in the numpy reference's train loop (precision/backends/numpy_backend/__init__.py):
+params -> compute for the forward/backward pass, gradient compute -> update format, optional loss-scale removal,
+the update in the update format with state read from and stored to its own format, new weights stored in the
+weights format (master or params), params = weights rounded to the params format.
+
+One compiled program serves a whole run: every chunk has the same length ``chunk_steps``; a shorter last chunk
+(``steps`` not a multiple of ``record_every``) is padded with masked steps (``valid`` false) that leave the
+carry unchanged. Divergence is carried too: the first step whose new weights or params are not finite is
+recorded and every later step is masked, so the state after that step is what the host reads, as in the
+reference.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ...formats import get_format
+from ...optim import OptimizerSpec, state_size
+from ...policy import Policy
+from ..numpy_backend.ops import convert as host_convert
+from .models import gradient
+from .ops import JaxOps, convert
+from .update import update
+
+__all__ = ["Carry", "StepInputs", "LoopSpec", "ChunkProgram", "make_step", "lower_chunk", "compile_chunk",
+           "clear_compile_cache", "compiled_programs", "chunk_inputs", "initial_carry"]
+
+
+class Carry(NamedTuple):
+    """What flows from step to step (donated to each chunk call)."""
+    weights: jax.Array  # weights format (master if the policy has one, else params)
+    params: jax.Array  # params format: round(weights)
+    state: tuple  # optimizer state vectors, state format
+    diverged_at: jax.Array  # int32; 0 while every step so far was finite
+
+
+class StepInputs(NamedTuple):
+    """Per-step inputs, stacked along the scanned axis."""
+    scalars: jax.Array  # (L, n_scalars) update dtype: the scalar table's rows
+    rows: jax.Array  # (L, batch) int32 row indices, or (L, 0) for full batch
+    step: jax.Array  # (L,) int32, 1-based
+    valid: jax.Array  # (L,) bool: false for padding steps
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSpec:
+    """Everything the traced program depends on besides its array inputs: the compile-cache key."""
+    problem: str
+    layout: tuple
+    optimizer: tuple  # update.structure(opt)
+    policy: Policy
+    chunk_steps: int
+    x_shape: tuple
+    t_shape: tuple
+    batch: int  # 0 for full batch
+    n_params: int
+    has_unscale: bool
+    device: Any
+
+
+def make_step(spec: LoopSpec, opt: OptimizerSpec, X, T, scale, unscale) -> Callable:
+    """The scan body: (carry, StepInputs row) -> (carry, None). Pure; X, T, scale, unscale are traced args."""
+    pol = spec.policy
+    compute = JaxOps(pol.compute, pol.accum)
+    upd_fmt, state_fmt, weights_fmt = pol.update, pol.state, pol.weights
+    if state_fmt == upd_fmt:
+        store_state = lambda x: x  # noqa: E731
+    else:  # round to storage and back: the update goes on with the stored value, as in the reference
+        store_state = lambda x: convert(convert(x, upd_fmt, state_fmt), state_fmt, upd_fmt)  # noqa: E731
+
+    def step_fn(carry: Carry, xs: StepInputs):
+        if spec.batch:
+            Xb, Tb = jnp.take(X, xs.rows, axis=0), jnp.take(T, xs.rows, axis=0)
+        else:
+            Xb, Tb = X, T
+        g = gradient(spec.problem, compute, convert(carry.params, pol.params, pol.compute), Xb, Tb, scale,
+                     spec.layout)
+        g = convert(g, pol.compute, upd_fmt)
+        if spec.has_unscale:
+            g = g * unscale
+        w_u, st_u = update(opt, xs.step, xs.scalars, convert(carry.weights, weights_fmt, upd_fmt), g,
+                           [convert(x, state_fmt, upd_fmt) for x in carry.state], store_state)
+        w = convert(w_u, upd_fmt, weights_fmt)
+        st = tuple(convert(x, upd_fmt, state_fmt) for x in st_u)
+        p = convert(w, weights_fmt, pol.params)
+        active = xs.valid & (carry.diverged_at == 0)
+        # As the reference: diverged when the weights or the (narrower) params are not finite.
+        finite = jnp.all(jnp.isfinite(w)) & jnp.all(jnp.isfinite(p))
+        new = Carry(w, p, st, jnp.where(active & ~finite, xs.step, carry.diverged_at))
+        return jax.tree.map(lambda n, o: jnp.where(active, n, o), new, carry), None
+
+    return step_fn
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkProgram:
+    """A compiled chunk: ``run(carry, inputs, X, T, scale, unscale) -> carry`` (carry donated)."""
+    run: Callable
+    compile_s: float
+
+
+_FP64 = get_format("fp64")
+_CACHE: collections.OrderedDict[tuple, ChunkProgram] = collections.OrderedDict()
+_CACHE_SIZE = 64
+
+
+def lower_chunk(spec: LoopSpec, opt: OptimizerSpec, example_args: tuple):
+    """The chunk program traced and lowered (``jax.stages.Lowered``): scan of ``spec.chunk_steps`` steps, carry
+    donated. ``example_args``: (carry, StepInputs, X, T, scale, unscale) as they will be passed."""
+
+    def chunk(carry, inputs, X, T, scale, unscale):
+        step_fn = make_step(spec, opt, X, T, scale, unscale)
+        carry, _ = jax.lax.scan(step_fn, carry, inputs)
+        return carry
+
+    return jax.jit(chunk, donate_argnums=0).lower(*example_args)
+
+
+def compile_chunk(spec: LoopSpec, opt: OptimizerSpec, example_args: tuple) -> tuple[ChunkProgram, float]:
+    """The AOT-compiled chunk program for ``spec`` and the seconds this call spent tracing and compiling it (0.0
+    when it came from the cache).
+
+    ``jax.jit(f).lower(...).compile()`` keeps tracing and XLA compilation out of the timed steps. The cache key
+    includes the x64 setting, which changes how the same Python traces."""
+    key = (spec, bool(jax.config.jax_enable_x64))
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key], 0.0
+    t0 = time.perf_counter()
+    compiled = lower_chunk(spec, opt, example_args).compile()
+    program = ChunkProgram(run=compiled, compile_s=time.perf_counter() - t0)
+    _CACHE[key] = program
+    if len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return program, program.compile_s
+
+
+def clear_compile_cache() -> None:
+    """Forget every compiled chunk program (tests use it to count compilations)."""
+    _CACHE.clear()
+
+
+def compiled_programs() -> int:
+    return len(_CACHE)
+
+
+def initial_carry(init_params: np.ndarray, pol: Policy, opt: OptimizerSpec, device) -> Carry:
+    """Weights rounded once from float64 on the host, params = round(weights), zero state: the reference's own
+    host conversions, so both backends start from the same bits."""
+    weights = host_convert(init_params, _FP64, pol.weights)
+    params = host_convert(weights, pol.weights, pol.params)
+    state = tuple(np.zeros(init_params.shape, pol.state.dtype) for _ in range(state_size(opt)))
+    return jax.device_put(Carry(weights, params, state, np.int32(0)), device)
+
+
+def chunk_inputs(table: np.ndarray, batches: np.ndarray | None, start: int, stop: int, chunk_steps: int,
+                 device) -> StepInputs:
+    """Inputs of steps start+1..stop, padded to ``chunk_steps`` with masked steps (table row and rows of step
+    ``start+1`` repeated: any valid values do, the mask discards their results)."""
+    count = stop - start
+    index = np.arange(start, start + chunk_steps)
+    index[count:] = start  # padding repeats the first row of the chunk
+    rows = (batches[index] if batches is not None else np.zeros((chunk_steps, 0), np.int64)).astype(np.int32)
+    return jax.device_put(StepInputs(scalars=table[index], rows=rows,
+                                     step=(np.arange(chunk_steps) + start + 1).astype(np.int32),
+                                     valid=np.arange(chunk_steps) < count), device)
+

@@ -1,0 +1,132 @@
+"""Arithmetic in one format with jax.numpy: typed scalars, dots and sums through the accumulator, transcendentals,
+and exact conversions between formats.
+
+The policy is expressed natively: arrays carry the policy's dtypes, dot products ask XLA for the accumulator
+dtype through ``preferred_element_type`` (exact products, one rounding to the compute format afterwards), and
+XLA rounds fp16/bf16/fp8 elementwise ops after every op by itself (NUMERICS.md), so elementwise code is plain jnp.
+
+Two places where plain jnp would not give the reference's (numpy backend's) semantics:
+
+* Transcendentals below fp32. The reference computes exp/tanh/sigmoid in float64 and rounds once (numpy's own
+  float16 exp is CPU dependent). XLA has no float64 without x64 and would compute them in float32 (a few ulp off)
+  and round again. A format of at most 16 bits has at most 65,536 inputs, so the correctly rounded result of every
+  input is tabulated once on the host by the reference's own code and looked up by bit pattern: exact, the same
+  on CPU and GPU, and a cheap gather.
+* Narrowing from float64 to bf16/fp8. XLA converts f64 -> bf16 through f32 and so rounds twice (500,448 of 1e6
+  midpoint traps differ from one correct rounding). :func:`convert` rounds in float64 to the target precision
+  first (exact with frexp/ldexp/rint), after which the cast is exact.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ...formats import Format, get_format
+from ...formats import to_format as _host_to_format
+from ..numpy_backend.ops import FormatOps as _ReferenceOps
+
+__all__ = ["JaxOps", "convert", "round_in_float64", "transcendental_table", "MATMUL_PRECISION"]
+
+_FP32 = get_format("fp32")
+_FP64 = get_format("fp64")
+_UINT = {8: jnp.uint8, 16: jnp.uint16}
+
+# Full-precision products for float32 dots: on GPUs XLA's default f32 matmul may use TF32 (10-bit mantissa inputs),
+# which would be a different policy from "a=fp32, exact products". HIGHEST keeps CPU and GPU on the same contract.
+MATMUL_PRECISION = jax.lax.Precision.HIGHEST
+
+
+def round_in_float64(x: jax.Array, fmt: Format) -> jax.Array:
+    """Round float64 values to ``fmt``'s grid, ties to even, result still float64 (the jnp twin of
+    :func:`precision.formats.round_to`). The subsequent cast to ``fmt`` is exact. Overflow: inf, or NaN for
+    finite-only formats. Needs x64 (the caller holds float64 arrays)."""
+    _, e = jnp.frexp(x)
+    exponent = jnp.maximum(e - 1, fmt.min_exponent)  # subnormals share emin's quantum
+    quantum_exp = exponent - fmt.mantissa_bits
+    out = jnp.ldexp(jnp.rint(jnp.ldexp(x, -quantum_exp)), quantum_exp)
+    out = jnp.copysign(out, x)
+    overflow_value = jnp.copysign(jnp.inf, x) if fmt.has_inf else jnp.nan
+    return jnp.where(jnp.abs(out) > fmt.max, overflow_value, out)
+
+
+def convert(x: jax.Array, src: Format, dst: Format) -> jax.Array:
+    """``x`` (held in ``src``'s dtype) in ``dst``'s dtype, rounded once when narrowing."""
+    if src == dst:
+        return x
+    if src.name == "fp64" and dst.precision < _FP32.precision:
+        x = round_in_float64(x, dst)  # XLA's f64 -> bf16/fp8 cast goes through f32: round once here instead
+    return x.astype(dst.dtype)  # widening is exact; f32 -> narrow (and f64 -> f32) is one correct rounding
+
+
+@functools.lru_cache(maxsize=None)
+def transcendental_table(name: str, fmt: Format) -> np.ndarray:
+    """Result of the reference's ``exp``/``tanh``/``sigmoid`` for every bit pattern of a <= 16-bit format, in
+    ``fmt``'s dtype, indexed by the input's bit pattern. Built by the numpy backend's own FormatOps, so the values
+    are the reference's by construction."""
+    patterns = np.arange(2**fmt.bits, dtype=np.uint64).astype(np.dtype(f"u{fmt.bits // 8}"))
+    inputs = patterns.view(fmt.dtype)
+    with np.errstate(all="ignore"):  # NaN patterns and exp overflow are valid table entries
+        out = getattr(_ReferenceOps(fmt, _FP32), name)(inputs)
+    out = np.asarray(out)
+    if out.dtype != fmt.dtype:  # defensive: the reference rounds to fmt already
+        out = _host_to_format(out.astype(np.float64), fmt)
+    return out
+
+
+class JaxOps:
+    """Ops whose results live in ``fmt``, with dot products and sums accumulated in ``accum``."""
+
+    def __init__(self, fmt: Format, accum: Format):
+        self.fmt, self.accum = fmt, accum
+        self.dtype = jnp.dtype(fmt.dtype)
+        self.accum_dtype = jnp.dtype(accum.dtype)
+        self._tabulated = fmt.precision < _FP32.precision
+
+    def scalar(self, value: float) -> jax.Array:
+        """A typed 0-d array of this format: one correct rounding from float64 on the host."""
+        return jnp.asarray(_host_to_format(np.float64(value), self.fmt))
+
+    def matmul(self, a: jax.Array, b: jax.Array) -> jax.Array:
+        """Exact products, sums in the accumulator (XLA's order), one rounding to this format."""
+        out = jnp.matmul(a, b, preferred_element_type=self.accum_dtype, precision=MATMUL_PRECISION)
+        return convert(out, self.accum, self.fmt)
+
+    def matmul_tn(self, a: jax.Array, b: jax.Array) -> jax.Array:
+        """``a.T @ b`` as one dot contracting the leading axes: writing ``a.T`` inside the scanned step would make
+        XLA transpose (copy) ``a`` at every step, 7x the cost of the logistic-regression step itself."""
+        return self._dot(a, b, (0,), (0,))
+
+    def matmul_nt(self, a: jax.Array, b: jax.Array) -> jax.Array:
+        """``a @ b.T`` as one dot contracting the trailing axes (no transpose copy)."""
+        return self._dot(a, b, (a.ndim - 1,), (b.ndim - 1,))
+
+    def _dot(self, a, b, contract_a, contract_b):
+        out = jax.lax.dot_general(a, b, ((contract_a, contract_b), ((), ())), precision=MATMUL_PRECISION,
+                                  preferred_element_type=self.accum_dtype)
+        return convert(out, self.accum, self.fmt)
+
+    def sum(self, x: jax.Array, axis: int, keepdims: bool = False) -> jax.Array:
+        return convert(jnp.sum(x, axis=axis, dtype=self.accum_dtype, keepdims=keepdims), self.accum, self.fmt)
+
+    def _transcendental(self, name: str, native, x: jax.Array) -> jax.Array:
+        if not self._tabulated:
+            return native(x)
+        table = jnp.asarray(transcendental_table(name, self.fmt))
+        index = jax.lax.bitcast_convert_type(x, _UINT[self.fmt.bits]).astype(jnp.int32)
+        return jnp.take(table, index, mode="clip")  # every index is in range: 2^bits entries
+
+    def exp(self, x):
+        return self._transcendental("exp", jnp.exp, x)
+
+    def tanh(self, x):
+        return self._transcendental("tanh", jnp.tanh, x)
+
+    def sigmoid(self, x):
+        one = jnp.asarray(1, self.dtype)
+        # Written out (not jax.nn.sigmoid, which lowers to XLA's logistic op) so fp32/fp64 round the same three
+        # ops as the reference: neg, exp, add, divide.
+        return self._transcendental("sigmoid", lambda z: one / (one + jnp.exp(-z)), x)
