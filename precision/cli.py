@@ -11,7 +11,7 @@ from .errors import PrecisionError
 
 __all__ = ["main", "COMMANDS"]
 
-COMMANDS = ("run", "list", "show")
+COMMANDS = ("run", "list", "show", "compare", "plot")
 
 
 class _Parser(argparse.ArgumentParser):

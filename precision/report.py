@@ -45,6 +45,9 @@ class Result:
     diverged_at: int | None = None
     fingerprint: str | None = None
     drift: tuple = ()  # ({"step", "rel_l2", "bits"}, ...)
+    # Seconds per step of each timed chunk (warm-up excluded): the noise ``precision compare`` tests a time change
+    # against. Optional (None in reports written before it existed), so schema version 1 still reads them.
+    step_times_s: tuple[float, ...] | None = None
 
     @property
     def id(self) -> str:
@@ -60,6 +63,8 @@ class Result:
         fields = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in fields}
         kwargs["drift"] = tuple(kwargs.get("drift", ()))
+        if kwargs.get("step_times_s") is not None:
+            kwargs["step_times_s"] = tuple(kwargs["step_times_s"])
         return cls(**kwargs)
 
 

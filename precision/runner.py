@@ -63,7 +63,7 @@ def _result(spec: RunSpec, traj: Trajectory, ref: Trajectory, dataset: Dataset) 
         time_per_step_s=traj.time_per_step_s, compile_s=traj.compile_s, final_loss=drift.final_loss,
         bits_of_agreement=drift.bits_of_agreement, rel_l2=drift.rel_l2, max_ulp=drift.max_ulp,
         loss_gap=drift.loss_gap, flip_rate=drift.flip_rate, diverged_at=traj.diverged_at,
-        fingerprint=fingerprint(traj.final_params),
+        fingerprint=fingerprint(traj.final_params), step_times_s=tuple(map(float, traj.step_times_s)),
         drift=tuple(dataclasses.asdict(point) for point in drift.trajectory))
 
 

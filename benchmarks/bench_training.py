@@ -1,0 +1,49 @@
+"""Runtime of training: seconds per optimizer step (compile excluded), and compile time on its own.
+
+What is timed: one ``precision.train`` call of a whole case (CASE_STEPS steps, params recorded every
+CASE_RECORD_EVERY steps) from the dataset's initial params. ``train`` starts from those every call and the
+dataset's arrays are read-only, so every repeat measures the same work. The figure asv stores is that call's wall
+time divided by CASE_STEPS (see ``common.seconds_per_step``): it includes the call's fixed costs (casting the
+training split to the compute format, the scalar table, the float64 snapshots at record steps) spread over the
+steps, about 5-10% above the median chunk time ``precision run`` reports for numpy on these cases. Compilation is
+paid by ``warm_up`` in setup, before the clock, and tracked separately by ``Compile``.
+"""
+
+from __future__ import annotations
+
+from precision.benchcases import frozen_dataset
+from precision.runner import train
+
+from .common import PARAM_NAMES, PARAMS, case_or_skip, seconds_per_step, warm_up
+
+
+class TrainStep:
+    params = PARAMS
+    param_names = PARAM_NAMES
+    timer = staticmethod(seconds_per_step)
+    timeout = 300  # a slow case (numpy float16 MLP, ~2 ms/step) takes ~0.4 s per sample
+
+    def setup(self, problem, optimizer, policy, backend):
+        self.spec = case_or_skip(problem, optimizer, policy, backend).spec()
+        self.dataset = frozen_dataset(self.spec)
+        warm_up(self.spec, self.dataset)
+
+    def time_train_step(self, problem, optimizer, policy, backend):
+        train(self.spec, self.dataset)
+
+
+class Compile:
+    """Compile time the backend reports for its first ``train`` call in a fresh process (asv runs every parameter
+    combination in its own process). numpy has no compile stage (it reports 0), so it is not in this grid."""
+
+    params = PARAMS[:-1] + [[backend for backend in PARAMS[-1] if backend != "numpy"]]
+    param_names = PARAM_NAMES
+    unit = "seconds"
+    timeout = 300
+
+    def setup(self, problem, optimizer, policy, backend):
+        self.spec = case_or_skip(problem, optimizer, policy, backend).spec()
+        self.dataset = frozen_dataset(self.spec)
+
+    def track_compile_s(self, problem, optimizer, policy, backend):
+        return train(self.spec, self.dataset).compile_s

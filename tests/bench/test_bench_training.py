@@ -1,0 +1,98 @@
+"""pytest-benchmark: the asv grid (precision.benchcases) timed locally, with its drift stored and checked.
+
+Timing: one ``precision.train`` call of the whole case (CASE_STEPS steps) per round, after one warm-up round that
+pays any JIT compile. pytest-benchmark cannot fail on extra_info nor show it in its table, so the drift figures go
+into ``benchmark.extra_info`` (saved with --benchmark-autosave, shown by ``pytest-benchmark compare``) and are
+asserted here against a band derived from the formats:
+
+* upper bound, exact: no params vector stored in the policy's params format F can be closer to the float64
+  reference than the reference rounded to F (rel_l2 is a sum of per-element squares, each minimised by the
+  nearest element of F). So bits <= -log2(rel_l2(round_F(ref_T), ref_T)). A run above it did not round to F.
+* lower bound, first order: each of the T steps rounds what it computes to formats whose coarsest unit roundoff is
+  u = 2^-p; with a non-expansive update (gradient descent on a convex L-smooth loss with lr <= 2/L) the local
+  errors add up at most linearly, so rel_l2 <= T * u and bits >= p - log2(T). For T = 200: fp32 >= 16.4,
+  fp16 compute >= 3.4, bf16 >= 0.36. Adam and the MLP are not non-expansive; measured on numpy for seeds 0-3 the
+  bound holds with >= 1.5 bits to spare (bf16 Adam, logreg: 1.9-2.1 bits against 0.36) and up to 8 bits on the
+  mixed policies, whose fp32 master weights absorb most of the per-step rounding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from precision.benchcases import CASE_STEPS, BenchCase, cases, frozen_dataset, skip_reason
+from precision.drift import MAX_BITS, bits_of_agreement, compare, fingerprint, rel_l2
+from precision.formats import round_to
+from precision.runner import train
+
+pytestmark = pytest.mark.bench
+
+ROUNDS = 5
+# bits are -log2 of a ratio of two float64 norms of n <= 2,410 terms (mlp:digits); each norm is accurate to
+# ~n * 2^-53 relative, so the computed bits of a run that attains the upper bound may exceed it by ~2n * 2^-53 /
+# ln 2 < 1e-12 bits.
+NORM_SLACK_BITS = 1e-12
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """Trajectories shared by the cases of this module (references, numpy counterparts), each trained once."""
+    memo = {}
+
+    def get(spec):
+        if spec not in memo:
+            memo[spec] = train(spec, frozen_dataset(spec))
+        return memo[spec]
+
+    return get
+
+
+def bits_band(case: BenchCase, reference_final: np.ndarray) -> tuple[float, float]:
+    """(lower, upper) bound on the bits of agreement of the case's final params; derivation in the module doc."""
+    policy = case.spec().policy
+    formats = [policy.params, policy.compute, policy.state, policy.weights]
+    coarsest_precision = min(fmt.precision for fmt in formats)
+    lower = max(0.0, coarsest_precision - math.log2(CASE_STEPS))
+    best = round_to(reference_final, policy.params).astype(np.float64)
+    upper = bits_of_agreement(rel_l2(best, reference_final))
+    return lower, upper
+
+
+@pytest.mark.parametrize("case", cases(), ids=lambda c: c.label)
+def test_train(benchmark, case, trained):
+    reason = skip_reason(case)
+    if reason is not None:
+        pytest.skip(reason)
+    spec = case.spec()
+    dataset = frozen_dataset(spec)
+    fingerprints = []
+
+    def timed():
+        trajectory = train(spec, dataset)
+        fingerprints.append(fingerprint(trajectory.final_params))
+        return trajectory
+
+    trajectory = benchmark.pedantic(timed, rounds=ROUNDS, warmup_rounds=1, iterations=1)
+    reference = trained(spec.reference())
+    drift = compare(trajectory, reference, dataset, spec.policy.params)
+    extra = {
+        "spec_id": spec.id, "steps": spec.steps, "bits_of_agreement": drift.bits_of_agreement,
+        "bits_lost": MAX_BITS - drift.bits_of_agreement, "rel_l2": drift.rel_l2, "flip_rate": drift.flip_rate,
+        "fingerprint": fingerprints[-1], "compile_s": trajectory.compile_s,
+        "precision_time_per_step_s": trajectory.time_per_step_s,
+        "median_s_per_step": benchmark.stats.stats.median / spec.steps,
+    }
+    if case.backend != "numpy":
+        numpy_final = trained(case.numpy_counterpart().spec()).params[-1]
+        extra["cross_backend_rel_l2"] = rel_l2(trajectory.params[-1], numpy_final)
+    benchmark.extra_info.update(extra)
+
+    assert trajectory.diverged_at is None, f"{case.label} diverged at step {trajectory.diverged_at}"
+    # Every round trained from the same read-only inputs; a backend that kept state between calls would differ.
+    assert len(set(fingerprints)) == 1, f"{case.label}: rounds disagree: {sorted(set(fingerprints))}"
+    lower, upper = bits_band(case, reference.params[-1])
+    assert lower <= drift.bits_of_agreement <= upper + NORM_SLACK_BITS, (
+        f"{case.label}: {drift.bits_of_agreement:.3f} bits of agreement outside [{lower:.3f}, {upper:.3f}]")
