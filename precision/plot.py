@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 
+from ._atomic import write_atomic
 from .errors import PrecisionError
 from .policy import get_policy
 from .report import Report, Result
@@ -164,21 +164,9 @@ def _tradeoff_figure(results, colors, Figure, FigureCanvasAgg):
 
 
 def _save_atomic(fig, path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a figure gets the usual permissions
-    try:
-        # No date stamp in the SVG: a re-plot of the same report differs only where matplotlib salts ids.
-        metadata = {"Date": None} if path.suffix == ".svg" else {}
-        fig.savefig(tmp, format=path.suffix[1:], metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    # No date stamp in the SVG: a re-plot of the same report differs only where matplotlib salts ids.
+    metadata = {"Date": None} if path.suffix == ".svg" else {}
+    return write_atomic(path, lambda tmp: fig.savefig(tmp, format=path.suffix[1:], metadata=metadata))
 
 
 def plot_report(report: Report, out_prefix: str | os.PathLike) -> list[Path]:

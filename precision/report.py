@@ -9,9 +9,9 @@ import math
 import os
 import platform
 import subprocess
-import tempfile
 from pathlib import Path
 
+from ._atomic import write_atomic
 from .errors import ReportError
 
 __all__ = ["SCHEMA_VERSION", "Result", "Report", "environment", "write_json_atomic", "load_report"]
@@ -86,22 +86,9 @@ class Report:
 
 
 def write_json_atomic(path: str | os.PathLike, payload: dict) -> Path:
-    """Write JSON (sorted keys) to a temp file in the same folder, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, indent=1, sort_keys=True, allow_nan=False)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write JSON (sorted keys, no NaN) atomically to ``path``."""
+    text = json.dumps(payload, indent=1, sort_keys=True, allow_nan=False) + "\n"
+    return write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def load_report(path: str | os.PathLike) -> Report:

@@ -12,6 +12,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from ._atomic import write_atomic
 from .backends import backend_availability, get_backend
 from .data import Dataset, make_dataset
 from .drift import compare, fingerprint
@@ -91,15 +92,11 @@ def run_one(spec: RunSpec, cache: _Cache | None = None, save_params: Path | None
 
 def save_trajectory(folder: Path, spec: RunSpec, traj: Trajectory) -> Path:
     """The params trajectory of one run as .npz (float64 values at the record steps, final params as stored)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     safe = "".join(c if c.isalnum() or c in "-_.=" else "_" for c in spec.id)
-    path = folder / f"{safe}.npz"
-    tmp = folder / f".{safe}.tmp.npz"
-    np.savez(tmp, steps=traj.record_steps, params=traj.params, final_params=traj.final_params.view(
-        np.dtype(f"u{traj.final_params.dtype.itemsize}")), final_dtype=str(traj.final_params.dtype), id=spec.id)
-    tmp.replace(path)
-    return path
+    final_bits = traj.final_params.view(np.dtype(f"u{traj.final_params.dtype.itemsize}"))  # npz has no bf16/fp8
+    return write_atomic(Path(folder) / f"{safe}.npz", lambda tmp: np.savez(
+        tmp, steps=traj.record_steps, params=traj.params, final_params=final_bits,
+        final_dtype=str(traj.final_params.dtype), id=spec.id))
 
 
 def run(specs: Iterable[RunSpec], progress: Callable[[int, int, RunSpec, Result], None] | None = None,

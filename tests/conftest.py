@@ -11,6 +11,13 @@ import pytest
 EXHAUSTIVE_HOW = "exhaustive check (minutes): run with `python -m pytest -m exhaustive`"
 
 
+def pytest_addoption(parser):
+    # Here rather than in tests/bench/conftest.py: only conftests loaded before parsing can add options, and this one
+    # always is, so `python -m pytest tests --bench` works as well as `python -m pytest tests/bench --bench`.
+    parser.addoption("--bench", action="store_true", default=False,
+                     help="run the pytest-benchmark suite in tests/bench (off by default)")
+
+
 def pytest_configure(config):
     # Also declared in pyproject.toml; repeated here so the marker exists under any ini file (--strict-markers).
     config.addinivalue_line("markers", f"exhaustive: {EXHAUSTIVE_HOW}")

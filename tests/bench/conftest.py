@@ -19,12 +19,6 @@ import pytest
 BENCH_DIR = Path(__file__).resolve().parent
 
 
-def pytest_addoption(parser):
-    # Registered here, so it exists whenever this folder is named (this conftest is then loaded before parsing).
-    parser.addoption("--bench", action="store_true", default=False,
-                     help="run the pytest-benchmark suite in tests/bench (off by default)")
-
-
 def _inside(path: Path) -> bool:
     return path == BENCH_DIR or BENCH_DIR in path.parents
 
