@@ -1,0 +1,141 @@
+"""The numba backend's headline figures (docs/numba.md), each measured in one run. Not an asv benchmark (no
+``time_`` / ``track_`` names; asv imports it during discovery and finds nothing to run).
+
+    NUMBA_NUM_THREADS=1 python benchmarks/numba_figures.py kernels      # update step ratios at N = 1e7
+    NUMBA_NUM_THREADS=1 python benchmarks/numba_figures.py logreg       # whole-loop logreg, every backend
+    python benchmarks/numba_figures.py matrix                           # default matrix: numba's cold/warm share
+    python benchmarks/numba_figures.py agreement                        # numba vs numpy, final params
+
+Timings are minima over interleaved repeats (kernels) or over whole runs (logreg), so that another process on a
+shared machine inflates them as little as possible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def kernels(n: int, repeats: int) -> None:
+    from precision.kernels import update_case
+
+    names = [("memory-reference", "adam", "fp32"), ("memory-reference", "adam", "bf16"), ("numba", "adam", "fp32"),
+             ("numba", "adam", "bf16"), ("numba", "adam", "fp16"), ("numpy", "adam", "fp32")]
+    cases = {name: update_case(*name, n) for name in names}
+    for case in cases.values():
+        case.step()  # compile, first-touch the outputs
+    best = dict.fromkeys(names, float("inf"))
+    for _ in range(repeats):
+        for name, case in cases.items():
+            start = time.perf_counter()
+            case.step()
+            best[name] = min(best[name], time.perf_counter() - start)
+    for name, seconds in best.items():
+        print(f"{'/'.join(name):28s} {seconds * 1e3:8.2f} ms")
+    fp32 = best[("numba", "adam", "fp32")]
+    reference = best[("memory-reference", "adam", "fp32")]
+    print(f"fp32 Adam throughput / memory reference: {reference / fp32:.2f}")
+    print(f"bf16 Adam time / fp32 Adam time:         {best[('numba', 'adam', 'bf16')] / fp32:.2f}")
+    print(f"fp16 Adam time / fp32 Adam time:         {best[('numba', 'adam', 'fp16')] / fp32:.2f}")
+    print(f"numpy fp32 Adam throughput / reference:  {reference / best[('numpy', 'adam', 'fp32')]:.2f}")
+
+
+def logreg(runs: int) -> None:
+    import precision
+    from precision.backends import backend_availability
+    from precision.runner import dataset_for, train
+
+    backends = [b for b in ("numpy", "numba", "jax") if backend_availability(b, "cpu").available]
+    specs = precision.build_specs(["logreg"], ["adam"], ["fp32"], backends=backends, batch_size=None, steps=1000,
+                                  record_every=100)
+    dataset = dataset_for(specs[0])
+    per_step = {}
+    for spec in specs:
+        train(spec, dataset)  # compile / warm
+        per_step[spec.backend] = min(train(spec, dataset).time_per_step_s for _ in range(runs))
+        print(f"{spec.backend:6s} {per_step[spec.backend] * 1e6:8.1f} us/step")
+    if "numba" in per_step:
+        print(f"numpy / numba: {per_step['numpy'] / per_step['numba']:.1f}x; "
+              f"numba / best backend: {per_step['numba'] / min(per_step.values()):.2f}")
+
+
+_MATRIX = """
+import time, precision
+from precision.matrix import default_specs
+start = time.perf_counter()
+report = precision.run(default_specs({backends!r}))
+print(time.perf_counter() - start)
+"""
+
+
+def matrix() -> None:
+    """Wall time of the default matrix with numpy alone and with numpy + numba, in fresh processes; the numba share
+    cold (an empty numba cache folder) and warm (the same folder again)."""
+    def timed(backends, env):
+        out = subprocess.run([sys.executable, "-c", _MATRIX.format(backends=backends)], env=env, check=True,
+                             capture_output=True, text=True)
+        return float(out.stdout.strip().splitlines()[-1])
+
+    import os
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        numpy_only = timed(["numpy"], env)
+        cold = timed(["numpy", "numba"], env)
+        warm = timed(["numpy", "numba"], env)
+    print(f"numpy alone {numpy_only:.1f} s; numpy + numba cold {cold:.1f} s, warm {warm:.1f} s")
+    print(f"numba's share: cold {cold - numpy_only:.1f} s, warm {warm - numpy_only:.1f} s")
+
+
+def agreement() -> None:
+    """rel_l2(numba, numpy) of the final params per preset: 4 problems x {sgd, adam, adamw}, 200 steps, batch 128,
+    synthetic data; how many runs are bit-identical, how many diverge (at the same step in both, or it fails)."""
+    import dataclasses
+
+    import numpy as np
+
+    from precision.matrix import build_specs
+    from precision.policy import PRESETS
+    from precision.runner import dataset_for, train
+
+    for policy in PRESETS:
+        rels, identical, diverged = [], 0, 0
+        for problem in ("linreg", "logreg", "softmax", "mlp"):
+            for optimizer in ("sgd", "adam", "adamw"):
+                (spec,) = build_specs([problem], [optimizer], [policy], backends=["numpy"])
+                dataset = dataset_for(spec)
+                with np.errstate(all="ignore"):
+                    ref = train(spec, dataset)
+                    got = train(dataclasses.replace(spec, backend="numba"), dataset)
+                if ref.diverged_at is not None or got.diverged_at is not None:
+                    assert ref.diverged_at == got.diverged_at, (spec.id, ref.diverged_at, got.diverged_at)
+                    diverged += 1
+                    continue
+                identical += ref.final_params.tobytes() == got.final_params.tobytes()
+                rels.append(float(np.linalg.norm(got.params[-1] - ref.params[-1]) / np.linalg.norm(ref.params[-1])))
+        worst = max(rels) if rels else float("nan")
+        u = PRESETS[policy].params.unit_roundoff
+        print(f"{policy:14s} trained {len(rels):2d}, diverged in both {diverged:2d}, bit-identical {identical:2d}, "
+              f"max rel_l2 {worst:.2e} = {worst / u:.2f} u_params")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("figure", choices=["kernels", "logreg", "matrix", "agreement"])
+    parser.add_argument("--n", type=float, default=1e7, help="parameters per update step (kernels)")
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+    if args.figure == "kernels":
+        kernels(int(args.n), args.repeats)
+    elif args.figure == "logreg":
+        logreg(max(args.repeats // 4, 1))
+    elif args.figure == "matrix":
+        matrix()
+    else:
+        agreement()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""The numba backend: compiled training loops that emulate every format bit-exactly on the CPU.
+
+The training loops hold every value in a float64 carrier and round it to its format after every operation
+(:mod:`.rounding`; exact for every format up to fp32, see :mod:`.ops`); matrix products accumulate in the policy's
+accumulator dtype (:mod:`.linalg`). The compiled loops of :mod:`.loops` run whole chunks of steps between records.
+Formats are runtime arguments, so one compilation per problem family serves every policy (plus one per accumulator
+dtype for the matrix products); kernels are cached on disk (``cache=True``, with a guard against stale caches in
+:mod:`._cache`). ``compile_s`` is the time of a zero-step call that compiles (or loads from the cache) the loop
+before the timed chunks start. Everything is single-threaded with fixed summation orders: results do not depend on
+the thread count. How it works, and what differs from numpy and why: docs/numba.md.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ...data import Dataset
+from ...formats import Format, round_to
+from ...optim import scalar_table
+from ...policy import Policy
+from ...spec import RunSpec
+from ...trajectory import Trajectory
+from ..base import Availability, drive_chunks
+from ..numpy_backend import targets_for
+from ._cache import drop_stale_caches
+from .loops import run_linear, run_mlp, run_softmax
+from .linalg import pair
+from .models import linear_width, make_work
+from .rounding import format_code
+from .update import optimizer_flags
+
+__all__ = ["BACKEND", "NumbaBackend"]
+
+
+def _rounded(values: np.ndarray, fmt: Format) -> np.ndarray:
+    """float64 values rounded once to ``fmt``, held in float64 (the training carrier)."""
+    return np.ascontiguousarray(round_to(values, fmt))
+
+
+def _operand(values: np.ndarray, accum64: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Compute-format values (float64) as the (float32, float64) operand pair of the accumulator (exact)."""
+    empty = np.zeros((0,) * values.ndim)
+    if accum64:
+        return empty.astype(np.float32), np.ascontiguousarray(values)
+    return np.ascontiguousarray(values, dtype=np.float32), empty
+
+
+class NumbaBackend:
+    name = "numba"
+
+    def availability(self, device: str) -> Availability:
+        if device == "cpu":
+            return Availability(True)
+        if device == "gpu":
+            return Availability(False, "the numba backend runs on the CPU only: numba.cuda kernels for 'gpu' are "
+                                       "not implemented (use --backend jax for GPU runs)")
+        return Availability(False, f"unknown device {device!r}")
+
+    def devices(self) -> tuple[str, ...]:
+        return ("cpu",)
+
+    def train(self, spec: RunSpec, dataset: Dataset) -> Trajectory:
+        pol: Policy = spec.policy
+        accum64 = pol.accum.name == "fp64"  # else fp32 (Policy allows only these two)
+        X = _rounded(dataset.X_train, pol.compute)
+        T = _rounded(targets_for(dataset, dataset.y_train), pol.compute)  # the numpy backend's targets
+        n, features = X.shape
+        batch = dataset.batch_size
+        batches = dataset.batches if dataset.batches is not None else np.zeros((0, 0), dtype=np.int64)
+        # Scalars rounded once on the host, exactly as the numpy backend makes them.
+        scale = float(round_to((pol.loss_scale or 1.0) / batch, pol.compute))
+        unscale = float(round_to(1.0 / pol.loss_scale if pol.loss_scale else 1.0, pol.update))
+        table = np.ascontiguousarray(scalar_table(spec.optimizer, spec.steps, pol.update))
+
+        # Weights are the init rounded once to W; params are those weights converted to P (two roundings when W is
+        # narrower than fp64, as in numpy's convert(convert(init, fp64, W), W, P)).
+        w = _rounded(dataset.init_params, pol.weights)
+        p = _rounded(w, pol.params)
+        s0, s1, pc, g = (np.zeros_like(w) for _ in range(4))
+        codes = tuple(format_code(f) for f in (pol.compute, pol.update, pol.weights, pol.state, pol.params))
+        flags = optimizer_flags(spec.optimizer)
+        work = make_work(spec.problem, batch, features, dataset.classes, accum64)
+        tail = (pc, g, work, accum64, scale, table, w, s0, s1, p, codes, flags, unscale)
+        # Matrix-product operands live in the accumulator's dtype: the data once here, as (float32, float64) pairs.
+        # linreg / logreg get a column of ones (and zero padding) appended: [X | 1 | 0].T delta is the weights' and
+        # the bias's gradient in one product.
+        linear = spec.problem in ("linreg", "logreg")
+        if linear:
+            data = np.zeros((n, linear_width(features)))
+            data[:, :features], data[:, features] = X, 1.0
+        else:
+            data = X
+        X_op, XT_op = _operand(data, accum64), _operand(X.T, accum64)
+        Xb_op, XbT_op = pair((batch, data.shape[1]), accum64), pair((features, batch), accum64)
+        Tb = np.zeros((batch,) + T.shape[1:])
+        if linear:
+            logistic = spec.problem == "logreg"
+
+            def call(start, stop):
+                return run_linear(start, stop, logistic, X_op, XT_op, T, batches, Xb_op, XbT_op, Tb, *tail)
+        else:
+            loop = run_softmax if spec.problem == "softmax" else run_mlp
+
+            def call(start, stop):
+                return loop(start, stop, X_op, XT_op, T, batches, Xb_op, XbT_op, Tb, *tail)
+
+        t0 = time.perf_counter()
+        call(0, 0)  # zero steps: compiles, or loads from the cache, the loop for these argument types
+        compile_s = time.perf_counter() - t0
+
+        def run_chunk(start: int, stop: int):
+            bad = call(start, stop)
+            return int(bad) if bad else None
+
+        return drive_chunks(spec, run_chunk, snapshot=lambda: p.astype(np.float64),
+                            final_params=lambda: p.astype(pol.params.dtype), compile_s=compile_s)
+
+
+drop_stale_caches(run_linear)
+BACKEND = NumbaBackend()

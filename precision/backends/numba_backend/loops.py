@@ -1,0 +1,146 @@
+"""Compiled training loops: whole chunks of steps (gradient, then update) with no Python in the step loop.
+
+Every quantity is held in float64 (exact for every format, see :mod:`.ops`) and the formats and the accumulator
+are runtime arguments (:class:`.rounding.FormatCode`, ``accum64``), so each loop compiles once and serves every
+policy. The quantities and the conversions between them follow the numpy backend's ``__init__.py``:
+
+- ``w`` the weights (master, or params when there is none), ``s0`` / ``s1`` the optimizer state and ``p`` the params,
+  each holding values of its own format;
+- per step: ``pc = rnd(p, C)``, the gradient ``g`` in C, then per element ``rnd(g, U)`` times the loss-scale
+  inverse (rounded), the optimizer in U, ``w = rnd(w, W)``, state ``rnd(., S)``, ``p = rnd(w, P)``;
+- the first step whose weights are not all finite is returned (0: none), after finishing that step, as numpy does.
+
+``codes`` = (compute, update, weights, state, params); ``flags`` = :func:`.update.optimizer_flags`.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from .models import grad_linear, grad_mlp, grad_softmax
+from .rounding import JIT, rnd
+from .update import OPT_ADAM, adam_element, row_scalars, sgd_element
+
+__all__ = ["run_linear", "run_softmax", "run_mlp", "apply_update"]
+
+
+@numba.njit(inline="always", **JIT)
+def _to_compute(p, pc, cc):
+    for j in range(p.size):
+        pc[j] = rnd(p[j], cc)
+
+
+@numba.njit(inline="always", **JIT)
+def apply_update(step, row, g, w, s0, s1, p, codes, flags, unscale):
+    """One optimizer step over all elements, in place; returns whether every new weight is finite.
+
+    ``unscale`` is the loss scale's inverse in U, or 1.0 without loss scaling (x * 1 is exact, so multiplying
+    unconditionally changes nothing and keeps the loop branch-free). Branches on the optimizer are outside the
+    element loops, so that they vectorize."""
+    cc, cu, cw, cs, cp = codes
+    kind, decoupled, l2, momentum, nesterov = flags
+    scalars = row_scalars(row)
+    nonfinite = 0
+    if kind == OPT_ADAM:
+        for j in range(w.size):
+            gj = rnd(rnd(g[j], cu) * unscale, cu)
+            wj, mj, vj = adam_element(rnd(w[j], cu), gj, rnd(s0[j], cu), rnd(s1[j], cu), scalars, decoupled, l2,
+                                      cu, cs)
+            s0[j] = rnd(mj, cs)
+            s1[j] = rnd(vj, cs)
+            wj = rnd(wj, cw)
+            w[j] = wj
+            p[j] = rnd(wj, cp)
+            nonfinite += 0 if np.isfinite(wj) else 1
+    else:
+        first = step == 1
+        for j in range(w.size):
+            gj = rnd(rnd(g[j], cu) * unscale, cu)
+            wj, buf = sgd_element(rnd(w[j], cu), gj, rnd(s0[j], cu), scalars, first, l2, momentum, nesterov, cu,
+                                  cs)
+            s0[j] = rnd(buf, cs)  # without momentum buf is the stored value itself (zero): unchanged
+            wj = rnd(wj, cw)
+            w[j] = wj
+            p[j] = rnd(wj, cp)
+            nonfinite += 0 if np.isfinite(wj) else 1
+    return nonfinite == 0
+
+
+@numba.njit(**JIT)
+def _gather(X, rows, Xb, XbT, accum64):
+    """The batch's rows of the data pair X into the active members of Xb (all columns) and XbT (its first d
+    columns, transposed). Explicit loops: a slice assignment compiles numba's shape-error formatting (seconds)."""
+    if accum64:
+        for i in range(rows.size):
+            for k in range(X[1].shape[1]):
+                Xb[1][i, k] = X[1][rows[i], k]
+            for k in range(XbT[1].shape[0]):
+                XbT[1][k, i] = X[1][rows[i], k]
+    else:
+        for i in range(rows.size):
+            for k in range(X[0].shape[1]):
+                Xb[0][i, k] = X[0][rows[i], k]
+            for k in range(XbT[0].shape[0]):
+                XbT[0][k, i] = X[0][rows[i], k]
+
+
+@numba.njit(**JIT)
+def run_linear(start, stop, logistic, X, XT, T, batches, Xb, XbT, Tb, pc, g, work, accum64, scale, table, w, s0,
+               s1, p, codes, flags, unscale):
+    """Steps start+1 .. stop of linreg / logreg. X (the data with a column of ones), XT (the data transposed), Xb,
+    XbT are (float32, float64) pairs; ``batches`` (steps, B) row indices, or shape (0, 0) for full batch (then X,
+    XT, T are used directly)."""
+    full = batches.shape[0] == 0
+    for step in range(start + 1, stop + 1):
+        if full:
+            xb, xbt, tb = X, XT, T
+        else:
+            rows = batches[step - 1]
+            _gather(X, rows, Xb, XbT, accum64)
+            for i in range(rows.size):
+                Tb[i] = T[rows[i]]
+            xb, xbt, tb = Xb, XbT, Tb
+        _to_compute(p, pc, codes[0])
+        grad_linear(logistic, pc, xb, xbt, tb, scale, codes[0], accum64, work, g)
+        if not apply_update(step, table[step - 1], g, w, s0, s1, p, codes, flags, unscale):
+            return step
+    return 0
+
+
+@numba.njit(inline="always", **JIT)
+def _classifier_batch(step, X, XT, T, batches, Xb, XbT, Tb, accum64):
+    if batches.shape[0] == 0:
+        return X, XT, T
+    rows = batches[step - 1]
+    _gather(X, rows, Xb, XbT, accum64)
+    for i in range(rows.size):
+        for c in range(T.shape[1]):
+            Tb[i, c] = T[rows[i], c]
+    return Xb, XbT, Tb
+
+
+@numba.njit(**JIT)
+def run_softmax(start, stop, X, XT, T, batches, Xb, XbT, Tb, pc, g, work, accum64, scale, table, w, s0, s1, p,
+                codes, flags, unscale):
+    """Steps start+1 .. stop of softmax regression (T: one-hot rows)."""
+    for step in range(start + 1, stop + 1):
+        xb, xbt, tb = _classifier_batch(step, X, XT, T, batches, Xb, XbT, Tb, accum64)
+        _to_compute(p, pc, codes[0])
+        grad_softmax(pc, xb, xbt, tb, scale, codes[0], accum64, work, g)
+        if not apply_update(step, table[step - 1], g, w, s0, s1, p, codes, flags, unscale):
+            return step
+    return 0
+
+
+@numba.njit(**JIT)
+def run_mlp(start, stop, X, XT, T, batches, Xb, XbT, Tb, pc, g, work, accum64, scale, table, w, s0, s1, p, codes,
+            flags, unscale):
+    """Steps start+1 .. stop of the one-hidden-layer MLP (T: one-hot rows)."""
+    for step in range(start + 1, stop + 1):
+        xb, xbt, tb = _classifier_batch(step, X, XT, T, batches, Xb, XbT, Tb, accum64)
+        _to_compute(p, pc, codes[0])
+        grad_mlp(pc, xb, xbt, tb, scale, codes[0], accum64, work, g)
+        if not apply_update(step, table[step - 1], g, w, s0, s1, p, codes, flags, unscale):
+            return step
+    return 0

@@ -1,0 +1,62 @@
+"""pytest-benchmark: the kernel grid of benchmarks/bench_kernels.py (precision.kernels), timed locally.
+
+Each round is one update step of the case (out of place: inputs are never written, so rounds are identical work).
+``extra_info`` carries the bytes a step moves and the achieved bandwidth. What is asserted is what the timed code
+computed, not its speed: no step wrote into its inputs (so every round timed the same work), a numba step equals
+the numpy step bit for bit on the same buffers (NaN == NaN), and the memory reference wrote what it should
+(m + g, v + g, p - g); a wrong-but-fast kernel fails here.
+
+Run: ``python -m pytest tests/bench/test_bench_kernels.py --bench`` (add ``-k n1e+07`` for the N = 1e7 rows).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from precision.kernels import (KERNEL_BACKENDS, KERNEL_FORMATS, KERNEL_OPTIMIZERS, KERNEL_SIZES, bytes_per_step,
+                               kernel_skip_reason, update_case)
+
+pytestmark = pytest.mark.bench
+
+ROUNDS = 5
+GRID = list(itertools.product(KERNEL_BACKENDS, KERNEL_OPTIMIZERS, KERNEL_FORMATS, KERNEL_SIZES))
+
+
+def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    u = np.dtype(f"u{a.dtype.itemsize}")
+    with np.errstate(invalid="ignore"):
+        both_nan = np.isnan(a.astype(np.float64)) & np.isnan(b.astype(np.float64))
+    return bool(((a.view(u) == b.view(u)) | both_nan).all())
+
+
+@pytest.mark.parametrize("backend,optimizer,storage,n", GRID,
+                         ids=[f"{b}-{o}-{s}-n{n:.0e}" for b, o, s, n in GRID])
+def test_update_step(benchmark, backend, optimizer, storage, n):
+    reason = kernel_skip_reason(backend, optimizer, storage)
+    if reason is not None:
+        pytest.skip(reason)
+    case = update_case(backend, optimizer, storage, n)
+    inputs_before = [a.copy() for a in case.inputs]
+    with np.errstate(all="ignore"):  # numpy float16 Adam may overflow on purpose-made inputs: a result, not a warning
+        benchmark.pedantic(case.step, rounds=ROUNDS, warmup_rounds=1, iterations=1)
+    moved = bytes_per_step(optimizer, storage, n)
+    benchmark.extra_info.update(bytes_per_step=moved, gb_per_s=moved / benchmark.stats.stats.min / 1e9)
+
+    # every round did the same work: the step never wrote what the next round reads
+    for before, after in zip(inputs_before, case.inputs):
+        assert same_bits(after, before), f"{case.label}: the timed step wrote into its inputs"
+    outputs = case.outputs()
+    if backend == "numba":
+        reference = update_case("numpy", optimizer, storage, n)
+        with np.errstate(all="ignore"):
+            reference.step()
+        for got, want in zip(outputs, reference.outputs()):
+            assert same_bits(got, want), f"{case.label}: differs from numpy's update"
+    elif backend == "memory-reference":
+        as_stored = [a.view(np.uint16) if a.dtype.itemsize == 2 else a for a in case.inputs + outputs]
+        p, g, m, v, p_out, m_out, v_out = as_stored  # 16-bit: integer adds on the patterns (they wrap)
+        for got, want in ((p_out, p - g), (m_out, m + g), (v_out, v + g)):
+            assert np.array_equal(got, want), f"{case.label}: the traffic kernel wrote something else"

@@ -1,0 +1,426 @@
+"""The numba backend against the numpy reference backend: what is bit-identical, what differs, and why.
+
+1. The optimizer update is bit-identical to numpy's for the same gradients: every preset (and policies whose state
+   format is narrower than, or not even a subset of, the update format) x every optimizer, on hostile values; both
+   for the training loop's update and for the stand-alone storage kernels the benchmarks time.
+2. Whole runs differ for exactly two reasons, and a test pins each:
+   - accumulation order: numba sums in ascending index order; numpy's ``@`` is BLAS (blocked, FMA) and ``np.sum``
+     is pairwise. Running the numpy backend itself with those two replaced by the ascending order (and with the C
+     library's exp/tanh, next point) reproduces every numba run bit for bit, for every preset, problem and
+     optimizer. Each order's error is within the classic bound gamma_k = k u / (1 - k u) of the exact sum.
+   - fp32 / fp64 transcendentals: numba calls the C library (expf, tanhf, exp, tanh), numpy its own SIMD loops; they
+     differ by a few ulp. Below fp32 both compute in float64 and round once, and agree on every input.
+3. With those causes pinned, whole runs agree with numpy within tolerances from the formats: fp64 within 1e-12
+   relative after 200 steps; narrower policies within lambda sqrt(T) u_params, and diverge at the same step.
+4. The same spec in two processes (1 and 2 numba threads) gives the same fingerprint.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numba
+import numpy as np
+import pytest
+
+import precision.backends.numpy_backend as numpy_backend
+from precision.backends import backend_availability, get_backend
+from precision.backends.numba_backend import kernels, linalg
+from precision.backends.numba_backend.loops import apply_update
+from precision.backends.numba_backend.ops import exp_c, sigmoid_c, tanh_c
+from precision.backends.numba_backend.rounding import format_code, static_code
+from precision.backends.numba_backend.update import optimizer_flags
+from precision.backends.numpy_backend.ops import FormatOps, convert
+from precision.backends.numpy_backend.update import update as numpy_update
+from precision.drift import fingerprint
+from precision.formats import FORMATS, Format, round_to, to_format
+from precision.optim import make_optimizer, scalar_table, state_size
+from precision.policy import PRESETS, parse_policy
+from precision.runner import dataset_for, train
+from precision.spec import RunSpec
+
+FP64, FP32 = FORMATS["fp64"], FORMATS["fp32"]
+OPTIMIZER_CASES = {
+    "sgd": dict(momentum=0.0),
+    "sgd-wd": dict(momentum=0.0, weight_decay=0.01),
+    "sgd-momentum": dict(momentum=0.9),
+    "sgd-nesterov-wd": dict(momentum=0.9, nesterov=True, weight_decay=0.01),
+    "adam": dict(),
+    "adam-wd": dict(weight_decay=0.01),
+    "adamw": dict(),
+}
+POLICIES = {**PRESETS,
+            "state-bf16": parse_policy("p=fp32,s=bf16"),
+            "fp16-state-bf16": parse_policy("p=fp16,s=bf16"),  # U = fp16; bf16 state need not fit fp16's range
+            "accum-fp64": parse_policy("p=bf16,c=bf16,a=fp64,s=fp32,m=fp32")}
+PROBLEMS = ("linreg", "logreg", "softmax", "mlp")
+
+
+def optimizer(case: str):
+    return make_optimizer(case.split("-")[0], **OPTIMIZER_CASES[case])
+
+
+def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal bit patterns, any NaN equal to any NaN (payloads are not part of the contract)."""
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.dtype == b.dtype and a.shape == b.shape, (a.dtype, b.dtype, a.shape, b.shape)
+    u = np.dtype(f"u{a.dtype.itemsize}")
+    differ = (a.view(u) != b.view(u)) & ~(np.isnan(a.astype(np.float64)) & np.isnan(b.astype(np.float64)))
+    return not differ.any()
+
+
+# -- 1. the optimizer update -----------------------------------------------------------------------------------
+
+def hostile(fmt: Format, n: int, rng, scale: float) -> np.ndarray:
+    """n values of ``fmt`` (float64): normal spread around ``scale``, zeros of both signs, subnormals, the
+    smallest normal, values near the format's max (where an update overflows), each with both signs."""
+    special = np.array([0.0, -0.0, fmt.smallest_subnormal, -fmt.smallest_subnormal, fmt.tiny, -fmt.tiny,
+                        3 * fmt.smallest_subnormal, fmt.max / 2, -fmt.max / 2, fmt.max, 1.0, -1.0])
+    x = np.concatenate([special, rng.standard_normal(n - special.size) * scale])
+    with np.errstate(over="ignore"):
+        return round_to(x, fmt)
+
+
+def numpy_step(opt, pol, step, table, w, st, g_compute):
+    """One optimizer step exactly as NumpyBackend.train does it (numpy_backend/__init__.py): gradient from the
+    compute format to the update format, loss-scale inverse, update, weights / state / params back to storage."""
+    upd = FormatOps(pol.update, pol.accum)
+    store_state = (lambda x: x) if pol.state == pol.update else (
+        lambda x: convert(convert(x, pol.update, pol.state), pol.state, pol.update))
+    g = convert(g_compute, pol.compute, pol.update)
+    if pol.loss_scale:
+        g = g * upd.scalar(1.0 / pol.loss_scale)
+    w_u, st_u = numpy_update(opt, step, table[step - 1], convert(w, pol.weights, pol.update), g,
+                             [convert(x, pol.state, pol.update) for x in st], store_state)
+    w = convert(w_u, pol.update, pol.weights)
+    return w, [convert(x, pol.update, pol.state) for x in st_u], convert(w, pol.weights, pol.params)
+
+
+@pytest.mark.parametrize("case", OPTIMIZER_CASES)
+@pytest.mark.parametrize("policy", POLICIES)
+def test_training_update_is_bit_identical(policy, case):
+    """The training loop's update (float64 carriers, formats at run time) against numpy, 4 steps, same
+    gradients: weights, optimizer state and params equal bit for bit."""
+    pol, opt = POLICIES[policy], optimizer(case)
+    n, steps = 3000, 4
+    rng = np.random.default_rng(len(policy) * 31 + len(case))
+    w = to_format(hostile(pol.weights, n, rng, 0.5), pol.weights)
+    st = [np.zeros(n, pol.state.dtype) for _ in range(state_size(opt))]
+    table = scalar_table(opt, steps, pol.update)
+    # numba side: float64 carriers
+    w64, p64 = w.astype(np.float64), round_to(w.astype(np.float64), pol.params)
+    s0, s1 = np.zeros(n), np.zeros(n)
+    codes = tuple(format_code(f) for f in (pol.compute, pol.update, pol.weights, pol.state, pol.params))
+    unscale = float(round_to(1.0 / pol.loss_scale, pol.update)) if pol.loss_scale else 1.0
+    for step in range(1, steps + 1):
+        g64 = hostile(pol.compute, n, rng, 1e-2)
+        if step == 3:
+            # diverging elements: inf / NaN must propagate the same way (as values of the format: e4m3fn has no inf)
+            g64[-3:] = round_to(np.array([np.inf, -np.inf, np.nan]), pol.compute)
+        with np.errstate(all="ignore"):
+            w, st, p = numpy_step(opt, pol, step, table.astype(pol.update.dtype), w, st, g64.astype(pol.compute.dtype))
+            apply_update(step, table[step - 1], g64, w64, s0, s1, p64, codes, optimizer_flags(opt), unscale)
+        assert same_bits(w64.astype(pol.weights.dtype), w), f"weights differ at step {step}"
+        assert same_bits(p64.astype(pol.params.dtype), p), f"params differ at step {step}"
+        for mine, theirs in zip((s0, s1), st):
+            assert same_bits(mine.astype(pol.state.dtype), theirs), f"state differs at step {step}"
+
+
+STORAGE = ("fp64", "fp32", "fp16", "bf16")
+
+
+@pytest.mark.parametrize("case", ["adam", "adamw", "adam-wd", "sgd", "sgd-momentum", "sgd-nesterov-wd"])
+@pytest.mark.parametrize("name", STORAGE)
+def test_storage_kernels_are_bit_identical(name, case):
+    """The benchmarks' kernels (storage arrays, uint16 for fp16 / bf16, format folded in at compile time) against
+    numpy's update on float16 / bfloat16 / float32 / float64 arrays, a pure policy, one step at step 7 (and step 1
+    for SGD, whose momentum buffer starts as the gradient)."""
+    fmt, opt = FORMATS[name], optimizer(case)
+    rng = np.random.default_rng(7)
+    n = 5000
+    p, g, m, v = (hostile(fmt, n, rng, s) for s in (0.5, 1e-2, 1e-3, 1e-4))
+    v = np.abs(v)  # a second moment is never negative
+    arrays = [to_format(a, fmt) for a in (p, g, m, v)]
+    for step in (1, 7):
+        row = scalar_table(opt, step, fmt)[step - 1]
+        state = arrays[2:4] if opt.is_adam else arrays[2:3]
+        with np.errstate(all="ignore"):
+            want_p, want_state = numpy_update(opt, step, row.astype(fmt.dtype), arrays[0], arrays[1], state)
+        code, carrier_row = static_code(fmt), row.astype(np.float64 if name == "fp64" else np.float32)
+        decoupled, l2, momentum, nesterov = optimizer_flags(opt)[1:]
+        store = (lambda a: a.view(np.uint16)) if fmt.bits == 16 else (lambda a: a)
+        ins = [store(a) for a in arrays]
+        outs = [np.empty_like(ins[0]) for _ in range(3)]
+        if opt.is_adam:
+            kernel = kernels.adam_step16 if fmt.bits == 16 else kernels.adam_step
+            kernel(*ins, *outs, carrier_row, decoupled, l2, code)
+            got_state = outs[1:]
+        else:
+            kernel = kernels.sgd_step16 if fmt.bits == 16 else kernels.sgd_step
+            kernel(ins[0], ins[1], ins[2], outs[0], outs[1], carrier_row, step == 1, l2, momentum, nesterov, code)
+            got_state = outs[1:2]
+        view = (lambda a: a.view(fmt.dtype)) if fmt.bits == 16 else (lambda a: a)
+        assert same_bits(view(outs[0]), want_p)
+        if opt.momentum or opt.is_adam:
+            for got, want in zip(got_state, want_state):
+                assert same_bits(view(got), want)
+
+
+# -- 2. the causes of whole-run differences --------------------------------------------------------------------
+
+_LIBM = ctypes.CDLL(ctypes.util.find_library("m"))
+for _name in ("expf", "tanhf"):
+    getattr(_LIBM, _name).restype, getattr(_LIBM, _name).argtypes = ctypes.c_float, [ctypes.c_float]
+_LIBM_FN = {"exp": (np.frompyfunc(math.exp, 1, 1), np.frompyfunc(_LIBM.expf, 1, 1)),
+            "tanh": (np.frompyfunc(math.tanh, 1, 1), np.frompyfunc(_LIBM.tanhf, 1, 1))}
+
+
+def libm(name: str, x: np.ndarray) -> np.ndarray:
+    """The C library's exp / tanh on a float64 or float32 array (what numba-compiled code calls)."""
+    fn64, fn32 = _LIBM_FN[name]
+    if x.dtype == np.float32:
+        return fn32(x).astype(np.float32)
+    return fn64(x).astype(np.float64)
+
+
+class SequentialOps(FormatOps):
+    """numpy_backend.ops.FormatOps with numba's definitions of the two things that differ: every matrix product and
+    sum accumulates in ascending index order (products and sums each rounded in the accumulator's dtype, starting
+    from +0, one rounding to the format at the end), and exp / tanh come from the C library."""
+
+    def matmul(self, a, b):
+        acc = self.accum.dtype
+        a, b = a.astype(acc), b.astype(acc)
+        out = np.zeros((a.shape[0],) + b.shape[1:], dtype=acc)
+        for k in range(a.shape[1]):
+            out = out + (a[:, k:k + 1] * b[k] if b.ndim == 2 else a[:, k] * b[k])
+        return convert(out, self.accum, self.fmt)
+
+    def sum(self, x, axis, keepdims=False):
+        acc = np.zeros(np.delete(x.shape, axis), dtype=self.accum.dtype)
+        for i in range(x.shape[axis]):
+            acc = acc + np.take(x, i, axis=axis).astype(self.accum.dtype)
+        out = convert(acc, self.accum, self.fmt)
+        return np.expand_dims(out, axis) if keepdims else out
+
+    def _transcendental(self, name, x):
+        if self._wide_transcendentals:
+            return to_format(libm(name, x.astype(np.float64)), self.fmt)
+        return libm(name, x)
+
+    def exp(self, x):
+        return self._transcendental("exp", x)
+
+    def tanh(self, x):
+        return self._transcendental("tanh", x)
+
+    def sigmoid(self, x):
+        if self._wide_transcendentals:
+            z = x.astype(np.float64)
+            return to_format(1.0 / (1.0 + libm("exp", -z)), self.fmt)
+        one = x.dtype.type(1)
+        return one / (one + libm("exp", -x))
+
+
+def spec_for(problem, opt, policy, backend, steps=200, batch_size=128, data="synthetic") -> RunSpec:
+    opt = optimizer(opt) if isinstance(opt, str) else opt
+    return RunSpec(problem=problem, optimizer=opt, policy=POLICIES[policy], backend=backend, steps=steps,
+                   batch_size=batch_size, data=data, record_every=max(steps // 4, 1))
+
+
+def run_pair(problem, opt, policy, **kw):
+    """(numpy trajectory, numba trajectory) of the same spec on the same dataset."""
+    s_numpy = spec_for(problem, opt, policy, "numpy", **kw)
+    dataset = dataset_for(s_numpy)
+    with np.errstate(all="ignore"):
+        return train(s_numpy, dataset), train(dataclasses.replace(s_numpy, backend="numba"), dataset)
+
+
+@pytest.mark.parametrize("opt", ["sgd-momentum", "adam"])
+@pytest.mark.parametrize("problem", PROBLEMS)
+@pytest.mark.parametrize("policy", POLICIES)
+def test_numpy_with_numba_order_reproduces_numba(policy, problem, opt, monkeypatch):
+    """The pin: the numpy backend's own training loop, with SequentialOps in place of FormatOps, gives numba's
+    results bit for bit (every record step, final params, divergence step). So in every whole-run difference
+    between the two backends, accumulation order and the fp32/fp64 transcendentals are the only causes."""
+    monkeypatch.setattr(numpy_backend, "FormatOps", SequentialOps)
+    ref, got = run_pair(problem, opt, policy, steps=40)
+    assert ref.diverged_at == got.diverged_at
+    assert np.array_equal(ref.record_steps, got.record_steps)
+    assert same_bits(got.params, ref.params)
+    assert fingerprint(got.final_params) == fingerprint(ref.final_params)
+
+
+def test_full_batch_reproduced_too(monkeypatch):
+    """The same pin on the full-batch path (no minibatch gather), logistic regression 1024 x 32."""
+    monkeypatch.setattr(numpy_backend, "FormatOps", SequentialOps)
+    ref, got = run_pair("logreg", "adam", "fp32", steps=40, batch_size=None)
+    assert fingerprint(got.final_params) == fingerprint(ref.final_params)
+
+
+def gamma(k: int, u: float) -> float:
+    """Higham's gamma_k = k u / (1 - k u): the relative error bound of a k-term recursive sum or dot product."""
+    return k * u / (1 - k * u)
+
+
+@pytest.mark.parametrize("accum", ["fp32", "fp64"])
+@pytest.mark.parametrize("compute", ["fp32", "bf16"])
+def test_accumulation_order_within_gamma_k(compute, accum):
+    """numba's ascending sum and numpy's BLAS product, each against the exact dot product (math.fsum of exact
+    float64 products of <= 24-bit values): both within gamma_k u_accum sum|a_i b_i| plus the final rounding to the
+    compute format, so they differ by at most twice that. k = 1024 terms, a logistic-regression forward pass."""
+    cfmt, afmt = FORMATS[compute], FORMATS[accum]
+    rng = np.random.default_rng(11)
+    k, m = 1024, 64
+    A = round_to(rng.standard_normal((m, k)), cfmt)
+    x = round_to(rng.standard_normal(k), cfmt)
+    exact = np.array([math.fsum(A[i] * x) for i in range(m)])  # products exact: 24 + 24 bits < 53
+    accumulated = gamma(k, afmt.unit_roundoff) * (np.abs(A) @ np.abs(x))
+    bound = accumulated + cfmt.unit_roundoff * (np.abs(exact) + accumulated)  # |fl_c(s^) - s^| <= u_c |s^|
+    acc_dtype = np.float64 if accum == "fp64" else np.float32
+    numba_out = np.empty((1, m))
+    # the forward pass's form: (w as a row) @ X.T, operands in the accumulator's dtype (exact: format values)
+    linalg.matmul(x.reshape(1, k).astype(acc_dtype), np.ascontiguousarray(A.T, dtype=acc_dtype),
+                  np.zeros(m, acc_dtype), numba_out, format_code(cfmt))
+    numba_out = numba_out[0]
+    numpy_out = FormatOps(cfmt, afmt).matmul(A.astype(cfmt.dtype), x.astype(cfmt.dtype)).astype(np.float64)
+    assert (np.abs(numba_out - exact) <= bound).all()
+    assert (np.abs(numpy_out - exact) <= bound).all()
+    assert (np.abs(numba_out - numpy_out) <= 2 * bound).all()
+
+
+@numba.njit
+def _transcendentals(x, code, out):
+    for i in range(x.size):
+        out[0, i] = exp_c(x[i], code)
+        out[1, i] = tanh_c(x[i], code)
+        out[2, i] = sigmoid_c(x[i], code)
+
+
+def numba_transcendentals(x64: np.ndarray, fmt: Format) -> np.ndarray:
+    out = np.empty((3, x64.size))
+    _transcendentals(x64, format_code(fmt), out)
+    return out
+
+
+@pytest.mark.parametrize("name", ["fp16", "bf16", "fp8_e4m3fn"])
+def test_narrow_transcendentals_agree_with_numpy_everywhere(name):
+    """Below fp32 both backends compute exp / tanh / sigmoid in float64 and round once: equal on every finite
+    value of the format (numpy's float64 SIMD exp and libm's differ by an ulp of float64 now and then, which a
+    rounding to <= 11 bits does not see on these inputs)."""
+    fmt = FORMATS[name]
+    patterns = np.arange(2 ** fmt.bits, dtype=np.uint32).astype(np.dtype(f"u{fmt.dtype.itemsize}"))
+    with np.errstate(invalid="ignore"):
+        values = patterns.view(fmt.dtype)
+        values = values[np.isfinite(values.astype(np.float64))]
+    ops = FormatOps(fmt, FP32)
+    with np.errstate(all="ignore"):
+        want = [f(values).astype(np.float64) for f in (ops.exp, ops.tanh, ops.sigmoid)]
+        got = numba_transcendentals(values.astype(np.float64), fmt)
+    for row, w in zip(got, want):
+        assert same_bits(row, w)
+
+
+def ulp_distance32(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Distance in float32 ulps between same-sign finite float32 arrays (difference of the bit patterns)."""
+    return np.abs(a.view(np.int32).astype(np.int64) - b.view(np.int32).astype(np.int64))
+
+
+def test_fp32_transcendentals_differ_from_numpy_by_a_few_ulp():
+    """The fp32 cause, pinned: numba's exp / tanh are the C library's expf / tanhf (glibc documents at most 1 and
+    2 ulp), numpy's are its own SIMD loops (NumPy documents 2.52 ulp for float32 exp on AVX-512; tanh measured 1):
+    so they differ, by at most the sum of the two bounds, on the inputs fp32 training evaluates them on."""
+    x = np.random.default_rng(5).uniform(-20, 20, 200_000).astype(np.float32)
+    got = numba_transcendentals(x.astype(np.float64), FP32).astype(np.float32)
+    for name, mine, libm_ulp, numpy_ulp in (("exp", got[0], 1, 3), ("tanh", got[1], 2, 3)):
+        exact = getattr(np, name)(x.astype(np.float64)).astype(np.float32)  # correctly rounded but for rare ties
+        theirs = getattr(np, name)(x)
+        assert np.array_equal(mine, libm(name, x)), f"numba's fp32 {name} is not the C library's"
+        assert ulp_distance32(mine, exact).max() <= libm_ulp
+        assert ulp_distance32(theirs, exact).max() <= numpy_ulp
+        assert ulp_distance32(mine, theirs).max() <= libm_ulp + numpy_ulp
+        assert (mine != theirs).any(), f"numpy's float32 {name} now equals libm's: update docs/numba.md"
+
+
+# -- 3. whole runs against numpy as it is --------------------------------------------------------------------
+
+@pytest.mark.parametrize("opt", ["sgd-momentum", "adam", "adamw"])
+@pytest.mark.parametrize("problem", PROBLEMS)
+def test_fp64_runs_agree_to_1e12(problem, opt):
+    """fp64, 200 steps: the two orders and the libm / SIMD exp differ by ~1e-16 per step; the issue's bound is
+    1e-12 relative after 200 steps (measured: ~3e-16)."""
+    ref, got = run_pair(problem, opt, "fp64")
+    rel = np.linalg.norm(got.params - ref.params, axis=1) / np.linalg.norm(ref.params, axis=1)
+    assert rel.max() <= 1e-12
+
+
+# Per step the two backends differ by a few rounding errors of the params format (order and transcendentals
+# perturb a gradient entry across a rounding boundary now and then). Modelled as independent rounding errors, the
+# gap after T steps grows like sqrt(T) u (Higham & Mary, SIAM J. Sci. Comput. 2019: lambda sqrt(n) u holds with
+# probability >= 1 - 2 exp(-lambda^2 / 2) per term); lambda = 5.
+LAMBDA = 5.0
+
+
+@pytest.mark.parametrize("opt", ["sgd-momentum", "adam"])
+@pytest.mark.parametrize("problem", PROBLEMS)
+@pytest.mark.parametrize("policy", [p for p in PRESETS if p != "fp64"])
+def test_low_precision_runs_agree_within_sqrt_steps_u(policy, problem, opt):
+    """200 steps: same divergence step, and rel_l2(numba, numpy) <= lambda sqrt(T) u_params at every record."""
+    ref, got = run_pair(problem, opt, policy)
+    assert ref.diverged_at == got.diverged_at
+    if ref.diverged_at is not None:
+        return  # both stopped at the same step; non-finite params have no distance
+    u = POLICIES[policy].params.unit_roundoff
+    tol = LAMBDA * math.sqrt(ref.record_steps[-1]) * u
+    rel = np.linalg.norm(got.params - ref.params, axis=1) / np.linalg.norm(ref.params, axis=1)
+    assert rel.max() <= tol, f"rel {rel.max():.3g} > {tol:.3g}"
+
+
+# -- 4. determinism and the backend contract -------------------------------------------------------------------
+
+_CHILD = """
+import json, sys
+import precision
+from precision.runner import dataset_for, train
+from precision.drift import fingerprint
+spec = precision.build_specs(["mlp"], ["adam"], ["bf16-mixed"], backends=["numba"], data=["digits"], steps=60)[0]
+print(json.dumps(fingerprint(train(spec, dataset_for(spec)).final_params)))
+"""
+
+
+def test_same_fingerprint_in_separate_processes_and_thread_counts():
+    spec = RunSpec(problem="mlp", optimizer=make_optimizer("adam"), policy=PRESETS["bf16-mixed"],
+                   backend="numba", data="digits", steps=60)
+    here = fingerprint(train(spec, dataset_for(spec)).final_params)
+    prints = []
+    for threads in ("1", "2"):
+        env = dict(os.environ, NUMBA_NUM_THREADS=threads)
+        out = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, check=True)
+        prints.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    assert prints == [here, here]
+
+
+def test_contract_dtypes_compile_time_and_devices():
+    spec = spec_for("softmax", "adam", "bf16", "numba", steps=30)
+    traj = train(spec, dataset_for(spec))
+    assert traj.final_params.dtype == PRESETS["bf16"].params.dtype
+    assert traj.compile_s >= 0 and len(traj.step_times_s) > 0
+    assert np.array_equal(traj.record_steps, [0, 7, 14, 21, 28, 30])
+    gpu = backend_availability("numba", "gpu")
+    assert not gpu.available and "CPU only" in gpu.reason
+    assert get_backend("numba").devices() == ("cpu",)
+
+
+def test_division_by_underflowed_eps_is_a_result_not_an_exception():
+    """Pure fp16 Adam: eps = 1e-8 rounds to 0 in fp16, so 0 / 0 at step 1 (error_model='numpy' gives NaN where
+    numba's default would raise ZeroDivisionError); the run reports diverged_at = 1, like numpy."""
+    assert to_format(1e-8, FORMATS["fp16"]) == 0
+    ref, got = run_pair("logreg", "adam", "fp16", steps=20)
+    assert got.diverged_at == ref.diverged_at == 1
