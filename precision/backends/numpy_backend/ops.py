@@ -45,6 +45,14 @@ class FormatOps:
             return a @ b
         return convert(a.astype(self.accum.dtype) @ b.astype(self.accum.dtype), self.accum, self.fmt)
 
+    def matmul_tn(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """a.T @ b."""
+        return self.matmul(a.T, b)
+
+    def matmul_nt(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """a @ b.T."""
+        return self.matmul(a, b.T)
+
     def sum(self, x: np.ndarray, axis: int, keepdims: bool = False) -> np.ndarray:
         return convert(np.sum(x, axis=axis, dtype=self.accum.dtype, keepdims=keepdims), self.accum, self.fmt)
 

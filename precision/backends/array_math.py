@@ -1,0 +1,87 @@
+"""The training math shared by the array backends (numpy and jax.numpy), written once against an array namespace.
+
+``xp`` is the namespace (``numpy`` or ``jax.numpy``); ``ops`` is the backend's format-aware op set (``FormatOps`` /
+``JaxOps``: matmul with its accumulator, sums, transcendentals). Each line is one operation rounded to the array's
+format by the framework itself, so the two backends run the same operations in the same order: what differs
+between them is what each framework does with an operation (XLA's FMA contraction, flush-to-zero, dot order), which
+is what the suite measures. The numba backend, a scalar loop, has its own kernels.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from ..optim import SCALAR_COLUMNS, OptimizerSpec
+from ..problems import unflatten
+
+__all__ = ["update", "gradient"]
+
+_COL = {name: i for i, name in enumerate(SCALAR_COLUMNS)}
+
+
+def update(xp, opt: OptimizerSpec, step, scalars: Sequence, w, g, state: Sequence,
+           store_state: Callable = lambda x: x):
+    """One optimizer step, op for op as documented in :mod:`precision.optim`.
+
+    ``step`` is 1-based (a Python int, or a traced integer under ``jit``); ``scalars`` is the step's row of the
+    scalar table as typed scalars of the update format; ``w``, ``g`` and ``state`` are arrays of the update format.
+    ``store_state`` rounds a moment to its storage format and back, so the update goes on with the stored value.
+    Returns (new weights, new state list).
+    """
+    s = {name: scalars[i] for name, i in _COL.items()}
+    if opt.name == "adamw":
+        w = w * s["decay"]
+    elif opt.weight_decay:
+        g = g + s["weight_decay"] * w
+    if opt.is_adam:
+        m, v = state
+        m = store_state(s["beta1"] * m + s["one_minus_beta1"] * g)
+        v = store_state(s["beta2"] * v + s["one_minus_beta2"] * (g * g))
+        denom = xp.sqrt(v) / s["sqrt_bc2"] + s["eps"]
+        w = w - s["step_size"] * m / denom
+        return w, [m, v]
+    if opt.momentum:
+        # torch: the buffer starts as g itself. A `where`, not a Python branch, so it also traces under jit.
+        buf = store_state(xp.where(step == 1, g, s["momentum"] * state[0] + g))
+        direction = g + s["momentum"] * buf if opt.nesterov else buf
+        return w - s["lr"] * direction, [buf]
+    return w - s["lr"] * g, []
+
+
+def _softmax(ops, Z):
+    shifted = Z - Z.max(axis=1, keepdims=True)
+    e = ops.exp(shifted)
+    return e / ops.sum(e, axis=1, keepdims=True)
+
+
+def _linear_grads(ops, X, delta):
+    """(X.T @ delta, column sums of delta)."""
+    return [ops.matmul_tn(X, delta), ops.sum(delta, axis=0, keepdims=delta.ndim == 1).reshape(-1)]
+
+
+def gradient(xp, problem: str, ops, params, X, targets, scale, layout):
+    """Flat gradient of the mean loss at ``params`` (all arrays in ``ops``'s compute dtype).
+
+    ``targets``: regression values, 0/1 labels (logreg) or one-hot rows (softmax, mlp), in the compute dtype;
+    ``scale``: the host-computed (loss scale)/batch, rounded once to the compute format.
+    """
+    p = unflatten(params, layout)
+    if problem in ("linreg", "logreg"):
+        z = ops.matmul(X, p["w"]) + p["b"]
+        out = z if problem == "linreg" else ops.sigmoid(z)
+        delta = (out - targets) * scale
+        return xp.concatenate(_linear_grads(ops, X, delta))
+    if problem == "softmax":
+        P = _softmax(ops, ops.matmul(X, p["W"]) + p["b"])
+        delta = (P - targets) * scale
+        return xp.concatenate([g.ravel() for g in _linear_grads(ops, X, delta)])
+    # mlp
+    H = ops.tanh(ops.matmul(X, p["W1"]) + p["b1"])
+    P = _softmax(ops, ops.matmul(H, p["W2"]) + p["b2"])
+    delta = (P - targets) * scale
+    gW2, gb2 = _linear_grads(ops, H, delta)
+    dH = ops.matmul_nt(delta, p["W2"])  # delta @ W2.T
+    one = xp.asarray(1, dtype=H.dtype)
+    dA = dH * (one - H * H)  # tanh' = 1 - H^2: H*H, 1-, * each rounded
+    gW1, gb1 = _linear_grads(ops, X, dA)
+    return xp.concatenate([gW1.ravel(), gb1, gW2.ravel(), gb2])
