@@ -46,25 +46,14 @@ from precision.policy import PRESETS, parse_policy
 from precision.runner import dataset_for, train
 from precision.spec import RunSpec
 
+from optimizer_cases import OPTIMIZER_CASES, optimizer
+
 FP64, FP32 = FORMATS["fp64"], FORMATS["fp32"]
-OPTIMIZER_CASES = {
-    "sgd": dict(momentum=0.0),
-    "sgd-wd": dict(momentum=0.0, weight_decay=0.01),
-    "sgd-momentum": dict(momentum=0.9),
-    "sgd-nesterov-wd": dict(momentum=0.9, nesterov=True, weight_decay=0.01),
-    "adam": dict(),
-    "adam-wd": dict(weight_decay=0.01),
-    "adamw": dict(),
-}
 POLICIES = {**PRESETS,
             "state-bf16": parse_policy("p=fp32,s=bf16"),
             "fp16-state-bf16": parse_policy("p=fp16,s=bf16"),  # U = fp16; bf16 state need not fit fp16's range
             "accum-fp64": parse_policy("p=bf16,c=bf16,a=fp64,s=fp32,m=fp32")}
 PROBLEMS = ("linreg", "logreg", "softmax", "mlp")
-
-
-def optimizer(case: str):
-    return make_optimizer(case.split("-")[0], **OPTIMIZER_CASES[case])
 
 
 def same_bits(a: np.ndarray, b: np.ndarray) -> bool:

@@ -27,28 +27,17 @@ from precision.problems import PROBLEMS
 from precision.runner import _Cache, dataset_for, run_one, train
 from precision.spec import RunSpec
 
+from optimizer_cases import OPTIMIZER_CASES, optimizer
+
 FP64, FP32 = FORMATS["fp64"], FORMATS["fp32"]
 COL = {name: i for i, name in enumerate(SCALAR_COLUMNS)}
 
-OPTIMIZER_CASES = {
-    "sgd": dict(momentum=0.0),
-    "sgd-wd": dict(momentum=0.0, weight_decay=0.01),
-    "sgd-momentum": dict(momentum=0.9),
-    "sgd-nesterov-wd": dict(momentum=0.9, nesterov=True, weight_decay=0.01),
-    "adam": dict(),
-    "adam-wd": dict(weight_decay=0.01),
-    "adamw": dict(),
-}
 # Every preset, plus policies whose optimizer state is stored narrower than the update format (the store_state path),
 # including a state format that is not a subset of the update format (bf16 values need not fit in fp16's range).
 POLICIES = {**PRESETS,
             "state-bf16": parse_policy("p=fp32,s=bf16"),
             "state-e4m3": parse_policy("p=bf16,s=fp8_e4m3fn"),
             "fp16-state-bf16": parse_policy("p=fp16,s=bf16")}
-
-
-def optimizer(case: str):
-    return make_optimizer(case.split("-")[0], **OPTIMIZER_CASES[case])
 
 
 def spec(problem="logreg", opt="adam", policy="fp32", **kw) -> RunSpec:
