@@ -7,9 +7,9 @@ accumulator, one rounding at the end).
 Values are float64 carriers; the operands of matrix products are (float32, float64) pairs (:mod:`.linalg`) of which
 ``accum64`` picks one. ``Xb`` / ``XbT`` are the batch's rows (B x d; for linreg / logreg with a column of ones
 appended, so that one product gives the weights' and the bias's gradient, see :func:`linear_width`) and their
-transpose (d x B) as such pairs, ``Tb`` its targets (B,) or one-hot rows (B x K); ``scale`` is 1/B times the loss scale, rounded to ``cc`` on
-the host. The flat gradient goes to ``g`` in the layout of :mod:`precision.problems`. ``work`` holds preallocated
-scratch arrays (:func:`make_work`).
+transpose (d x B) as such pairs, ``Tb`` its targets (B,) or one-hot rows (B x K); ``scale`` is 1/B times the loss
+scale, rounded to ``cc`` on the host. The flat gradient goes to ``g`` in the layout of :mod:`precision.problems`.
+``work`` holds preallocated scratch arrays (:func:`make_work`).
 """
 
 from __future__ import annotations
