@@ -13,6 +13,8 @@ Backends:
 * ``numba``: the numba backend's fused kernels (:mod:`precision.backends.numba_backend.kernels`); fp16 and bf16 are
   stored as uint16 bit patterns (views of the same float16 / bfloat16 bytes), decoded, updated with per-op
   rounding, re-encoded;
+* ``jax``: the JAX backend's update, jitted ahead of time on the CPU (out of place: new device arrays); XLA's FMA
+  contraction and flush-to-zero apply (docs/jax.md);
 * ``memory-reference``: Adam's memory traffic (read p, g, m, v; write p, m, v) with one add per written array, in
   numba, single-threaded: the floor an Adam step of that storage width can reach here. SGD has no reference.
 
@@ -34,7 +36,7 @@ from .optim import OptimizerSpec, make_optimizer, scalar_table
 __all__ = ["KERNEL_BACKENDS", "KERNEL_OPTIMIZERS", "KERNEL_FORMATS", "KERNEL_SIZES", "KERNEL_STEP", "UpdateCase",
            "update_case", "kernel_skip_reason", "bytes_per_step"]
 
-KERNEL_BACKENDS = ("numpy", "numba", "memory-reference")
+KERNEL_BACKENDS = ("numpy", "numba", "jax", "memory-reference")
 KERNEL_OPTIMIZERS = ("adam", "sgd")
 KERNEL_FORMATS = ("fp64", "fp32", "fp16", "bf16")
 KERNEL_SIZES = (10**4, 10**5, 10**6, 10**7)
@@ -73,6 +75,8 @@ def kernel_skip_reason(backend: str, optimizer: str, storage: str) -> str | None
         return "the memory reference has Adam's traffic only"
     if backend in ("numba", "memory-reference") and importlib.util.find_spec("numba") is None:
         return "numba is not installed: pip install 'precision[numba]'"
+    if backend == "jax" and importlib.util.find_spec("jax") is None:
+        return "jax is not installed: pip install 'precision[jax]'"
     return None
 
 
@@ -100,7 +104,7 @@ def update_case(backend: str, optimizer: str, storage: str, n: int, seed: int = 
     p, g, m, v = _inputs(fmt, n, seed)
     state = [m, v] if opt.is_adam else [m]
     row = scalar_table(opt, KERNEL_STEP, fmt)[KERNEL_STEP - 1]
-    make = {"numpy": _numpy_step, "numba": _numba_step, "memory-reference": _reference_step}[backend]
+    make = {"numpy": _numpy_step, "numba": _numba_step, "jax": _jax_step, "memory-reference": _reference_step}[backend]
     step, outputs = make(opt, fmt, row, p, g, state)
     return UpdateCase(backend, optimizer, storage, n, (p, g, *state), step, outputs)
 
@@ -117,6 +121,21 @@ def _numpy_step(opt, fmt, row, p, g, state):
     def outputs():
         new_p, new_state = box["out"]
         return (new_p, *new_state)
+    return step, outputs
+
+
+def _jax_step(opt, fmt, row, p, g, state):
+    from .backends.jax_backend.kernels import compiled_update
+
+    run, _ = compiled_update(opt, fmt, KERNEL_STEP, row, p, g, state)  # compiled here, outside the timed step
+    box = {}
+
+    def step():
+        box["out"] = run()
+
+    def outputs():
+        new_p, new_state = box["out"]
+        return tuple(np.asarray(a) for a in (new_p, *new_state))
     return step, outputs
 
 
