@@ -79,9 +79,8 @@ def _check(args) -> int:
 
     from precision.backends.jax_backend import loop as jax_loop
     from precision.drift import fingerprint, rel_l2
-    from precision.report import Report, environment, now_utc, write_json_atomic
-    from precision.runner import _Cache, run_one
-    from precision.runner import train
+    from precision.report import Report, environment, finite_or_none, now_utc, write_json_atomic
+    from precision.runner import _Cache, run_one, train
     from precision.table import format_table
 
     specs, note = _matrix(args.steps, args.device)
@@ -105,7 +104,7 @@ def _check(args) -> int:
             "deterministic_same_program": prints[0] == prints[1],
             "deterministic_recompiled": prints[0] == prints[2],
             "equal_to_cpu": prints[0] == fingerprint(on_cpu.final_params),
-            "rel_l2_gpu_vs_cpu": _finite(rel_l2(same_program.final_params.astype(np.float64),
+            "rel_l2_gpu_vs_cpu": finite_or_none(rel_l2(same_program.final_params.astype(np.float64),
                                                 on_cpu.final_params.astype(np.float64))),
             "time_per_step_s": first.time_per_step_s, "compile_s": first.compile_s,
             "cpu_time_per_step_s": on_cpu.time_per_step_s,
@@ -139,10 +138,6 @@ def _check(args) -> int:
     print(f"matrix wall time {matrix_s:.1f} s; wrote {args.out / 'report.json'} and {args.out / 'gpu_check.json'}")
     failed = [c for c in checks if not c["deterministic_same_program"]]
     return 1 if failed else 0
-
-
-def _finite(x: float):
-    return x if x == x and abs(x) != float("inf") else None
 
 
 if __name__ == "__main__":

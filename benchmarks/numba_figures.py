@@ -46,6 +46,7 @@ def kernels(n: int, repeats: int) -> None:
 def logreg(runs: int) -> None:
     import precision
     from precision.backends import backend_availability
+    from precision.drift import rel_l2
     from precision.runner import dataset_for, train
 
     backends = [b for b in ("numpy", "numba", "jax") if backend_availability(b, "cpu").available]
@@ -114,7 +115,7 @@ def agreement() -> None:
                     diverged += 1
                     continue
                 identical += ref.final_params.tobytes() == got.final_params.tobytes()
-                rels.append(float(np.linalg.norm(got.params[-1] - ref.params[-1]) / np.linalg.norm(ref.params[-1])))
+                rels.append(rel_l2(got.params[-1], ref.params[-1]))
         worst = max(rels) if rels else float("nan")
         u = PRESETS[policy].params.unit_roundoff
         print(f"{policy:14s} trained {len(rels):2d}, diverged in both {diverged:2d}, bit-identical {identical:2d}, "

@@ -14,12 +14,13 @@ from pathlib import Path
 from ._atomic import write_atomic
 from .errors import ReportError
 
-__all__ = ["SCHEMA_VERSION", "Result", "Report", "environment", "write_json_atomic", "load_report"]
+__all__ = ["SCHEMA_VERSION", "Result", "Report", "environment", "write_json_atomic", "load_report",
+           "finite_or_none"]
 
 SCHEMA_VERSION = 1
 
 
-def _finite_or_none(x):
+def finite_or_none(x):
     """JSON has no inf/NaN: store them as null (``diverged_at`` and ``status`` say why)."""
     if isinstance(x, float) and not math.isfinite(x):
         return None
@@ -54,8 +55,8 @@ class Result:
         return self.spec["id"]
 
     def to_dict(self) -> dict:
-        out = {k: _finite_or_none(v) for k, v in dataclasses.asdict(self).items()}
-        out["drift"] = [{k: _finite_or_none(v) for k, v in point.items()} for point in self.drift]
+        out = {k: finite_or_none(v) for k, v in dataclasses.asdict(self).items()}
+        out["drift"] = [{k: finite_or_none(v) for k, v in point.items()} for point in self.drift]
         return out
 
     @classmethod
