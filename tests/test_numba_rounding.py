@@ -159,12 +159,14 @@ def float64_samples(fmt: Format, n: int, seed: int) -> np.ndarray:
     return np.concatenate([spread, traps, -traps, [0.0, -0.0, np.inf, -np.inf, np.nan]])
 
 
+@pytest.mark.parametrize("kind", ["generic", "static"])
 @pytest.mark.parametrize("fmt", FROM_FP32, ids=str)
-def test_round64_matches_round_to(fmt):
-    """float64 -> format in one rounding (for transcendentals computed in float64) equals formats.round_to."""
+def test_round64_matches_round_to(fmt, kind):
+    """float64 -> format in one rounding (for transcendentals computed in float64, and every operation of the
+    training loops' float64 carrier) equals formats.round_to; the static fp32 code is the CPU's conversion."""
     x = float64_samples(fmt, 10**6, seed=fmt.bits)
     got = np.empty_like(x)
-    round_array64(x, format_code(fmt), got)
+    round_array64(x, code_for(fmt, kind), got)
     with np.errstate(over="ignore", invalid="ignore"):
         want = round_to(x, fmt)
     assert_same_bits(got, want, x, f"{fmt} round64")

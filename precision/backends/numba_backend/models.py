@@ -19,7 +19,7 @@ import numpy as np
 
 from ...problems import HIDDEN_UNITS
 from .linalg import matmul_acc, ones_pair, pair, stage
-from .ops import exp_c, sigmoid_c, tanh_c
+from .ops import exp_c, sigmoid_inplace, tanh_c
 from .rounding import JIT, rnd
 
 __all__ = ["grad_linear", "grad_softmax", "grad_mlp", "make_work", "linear_width"]
@@ -29,7 +29,7 @@ def linear_width(features: int) -> int:
     """Columns of [X | 1 | 0 ...]: the data, a column of ones (its product with delta is the bias gradient), zeros
     up to a multiple of 16 so that the product's inner loop has no scalar remainder (0 * delta adds nothing to the
     columns that are kept)."""
-    return -(-(features + 1) // 16) * 16
+    return -(-(features + 1) // 8) * 8
 
 
 def make_work(problem: str, batch: int, features: int, classes: int, accum64: bool) -> tuple:
@@ -62,8 +62,7 @@ def grad_linear(logistic, pc, Xb, XbT, Tb, scale, cc, accum64, work, g):
     for i in range(row.size):
         row[i] = rnd(row[i] + b, cc)
     if logistic:
-        for i in range(row.size):
-            row[i] = sigmoid_c(row[i], cc)
+        sigmoid_inplace(row, cc)
     for i in range(row.size):
         row[i] = rnd(rnd(row[i] - Tb[i], cc) * scale, cc)
     stage(z, delta_op, accum64)

@@ -4,21 +4,71 @@ The training loops hold every value in a float64 carrier (an fp16 / bf16 / fp8 /
 and round after each operation with :func:`.rounding.rnd`. For + - * / sqrt that float64 result, rounded to the
 format, is the exactly rounded result, since 53 >= 2p + 2 for p <= 24 (so fp32 is emulated exactly too).
 
-Transcendentals follow the numpy backend (``numpy_backend/ops.py``): fp64 uses float64 ``np.exp`` / ``np.tanh``;
-fp32 uses the float32 functions (numba lowers them to the C library's expf / tanhf, not numpy's SIMD loops: they
-differ from numpy's by a few ulp, which tests/test_numba_backend.py measures and pins); narrower formats compute in
-float64 and round once (exact and the same everywhere, up to the 1-ulp float64 differences between libm and numpy,
-which a rounding to 8 or 11 bits almost never sees).
+Transcendentals follow the numpy backend's rule (``numpy_backend/ops.py``) with numba's own functions:
+
+- exp is :func:`exp64`, a float64 exp written here in plain IEEE arithmetic (no C-library call, no FMA), so that the
+  loops around it vectorize and its results do not depend on the machine's libm; within 1 ulp of float64;
+- tanh is the C library's (``np.tanh`` lowers to it; the MLP is the only user);
+- fp64 uses the float64 functions; fp32 rounds :func:`exp64` once to float32 (a faithful, nearly always correctly
+  rounded float32 exp; numpy's float32 exp is its SIMD loop, and tanh is the C library's tanhf: both differ from
+  numpy's by a few ulp, which tests/test_numba_backend.py measures and pins); narrower formats compute in float64
+  and round once (so both backends agree up to the 1-ulp float64 differences between the two float64 functions,
+  which a rounding to 8 or 11 bits almost never sees).
 """
 
 from __future__ import annotations
 
+import math
+
+import numba
 import numpy as np
 from numba.extending import overload
 
 from .rounding import JIT, TRANSCENDENTAL_FLOAT32, TRANSCENDENTAL_ROUNDED, TRANSCENDENTALS, round64
 
-__all__ = ["exp_c", "tanh_c", "sigmoid_c"]
+__all__ = ["exp64", "exp64_array", "exp_c", "tanh_c", "sigmoid_c", "sigmoid_inplace"]
+
+# exp64's constants. ln 2 split Cody-Waite style (fdlibm's): _LN2_HI has 32 trailing zero bits, so k * _LN2_HI is
+# exact for every |k| <= 1076 and x - k * _LN2_HI is exact (Sterbenz); _LN2_LO carries the next 53 bits.
+_INV_LN2 = 1.4426950408889634
+_LN2_HI = 6.93147180369123816490e-01
+_LN2_LO = 1.90821492927058770002e-10
+_SHIFTER = 6755399441055744.0  # 1.5 * 2^52: t + _SHIFTER rounds t to an integer held in the low mantissa bits
+_SHIFTER_BITS = 0x4338000000000000
+# Taylor coefficients 1/2! .. 1/13! of exp(r) = 1 + r + r^2 q(r): on |r| <= ln(2)/2 the first omitted term,
+# r^14 / 14!, is below 5e-18 relative, far under float64's 2^-53 = 1.1e-16.
+_Q = tuple(1.0 / math.factorial(k) for k in range(2, 14))
+_Q2, _Q3, _Q4, _Q5, _Q6, _Q7, _Q8, _Q9, _Q10, _Q11, _Q12, _Q13 = _Q
+
+
+@numba.njit(inline="always", **JIT)
+def exp64(x):
+    """exp(x) in float64, within 1 ulp (tests/test_numba_backend.py), from + - * only, branch-free.
+
+    k = round(x / ln 2), r = x - k ln 2 (|r| <= ln(2)/2), exp(r) by its Taylor polynomial in Estrin's scheme
+    (short dependency chains), then times 2^k as two exact powers of two, so that subnormal results round once,
+    in the last multiplication, and large ones overflow to inf. NaN passes through."""
+    xc = min(max(x, -746.0), 710.0)  # exp(-746) rounds to 0 and exp(710) to inf: keeps 2^k representable
+    t = xc * _INV_LN2 + _SHIFTER
+    k = np.float64(t).view(np.int64) - np.int64(_SHIFTER_BITS)
+    kd = t - _SHIFTER
+    r = (xc - kd * _LN2_HI) - kd * _LN2_LO
+    r2 = r * r
+    r4 = r2 * r2
+    b0 = (_Q2 + _Q3 * r) + (_Q4 + _Q5 * r) * r2
+    b1 = (_Q6 + _Q7 * r) + (_Q8 + _Q9 * r) * r2
+    b2 = (_Q10 + _Q11 * r) + (_Q12 + _Q13 * r) * r2
+    p = 1.0 + (r + r2 * (b0 + r4 * (b1 + r4 * b2)))
+    half = k >> 1
+    y = p * np.int64((half + 1023) << 52).view(np.float64) * np.int64((k - half + 1023) << 52).view(np.float64)
+    return x if x != x else y
+
+
+@numba.njit(**JIT)
+def exp64_array(x, out):
+    """out[i] = exp64(x[i]) for float64 arrays (tests; the numpy model of the numba backend)."""
+    for i in range(x.size):
+        out[i] = exp64(x[i])
 
 # IR-level inlining: tiny bodies called from loops (a separate function each would cost a compile of its own).
 _INLINE = dict(inline="always", jit_options=JIT)
@@ -43,9 +93,9 @@ def sigmoid_c(x, code):
 def _exp_c(x, code):
     def impl(x, code):
         kind = code[TRANSCENDENTALS]
+        y = exp64(np.float64(x))
         if kind == TRANSCENDENTAL_FLOAT32:
-            return np.float64(np.exp(np.float32(x)))
-        y = np.exp(np.float64(x))
+            return np.float64(np.float32(y))
         return round64(y, code) if kind == TRANSCENDENTAL_ROUNDED else y
     return impl
 
@@ -67,7 +117,24 @@ def _sigmoid_c(x, code):
         kind = code[TRANSCENDENTALS]
         if kind == TRANSCENDENTAL_FLOAT32:
             one = np.float32(1.0)
-            return np.float64(one / (one + np.exp(-np.float32(x))))
-        y = 1.0 / (1.0 + np.exp(-np.float64(x)))
+            return np.float64(one / (one + np.float32(exp64(-np.float64(x)))))
+        y = 1.0 / (1.0 + exp64(-np.float64(x)))
         return round64(y, code) if kind == TRANSCENDENTAL_ROUNDED else y
     return impl
+
+
+@numba.njit(**JIT)
+def sigmoid_inplace(x, code):
+    """x[i] = sigmoid_c(x[i], code) over a float64 array, with the format's rule picked once outside the loops:
+    each loop is then branch-free and vectorizes (a per-element branch on the rule would keep it scalar)."""
+    kind = code[TRANSCENDENTALS]
+    one = np.float32(1.0)
+    if kind == TRANSCENDENTAL_FLOAT32:
+        for i in range(x.size):
+            x[i] = np.float64(one / (one + np.float32(exp64(-x[i]))))
+    elif kind == TRANSCENDENTAL_ROUNDED:
+        for i in range(x.size):
+            x[i] = round64(1.0 / (1.0 + exp64(-x[i])), code)
+    else:
+        for i in range(x.size):
+            x[i] = 1.0 / (1.0 + exp64(-x[i]))

@@ -28,7 +28,8 @@ Formats reach compiled code in two ways (:func:`rnd` dispatches on the type):
 - :func:`format_code`: a :class:`FormatCode` of int64 fields, the same numba type for every format, so a training
   loop compiles once and takes its policy's formats as runtime arguments;
 - :func:`static_code`: an instance of a per-format subclass, so a hot kernel compiles a specialization with the
-  format's constants folded in: nothing at all for fp32 / fp64 in their own carrier, a 7-instruction bf16 rounding
+  format's constants folded in: nothing at all for fp32 / fp64 in their own carrier, the CPU's float64 -> float32
+  conversion and back for fp32 in a float64 carrier, a 7-instruction bf16 rounding
   (its exponent range is float32's, so float32 subnormals and overflow to inf need no special case; NaN is the one
   select), and the CPU's own float32 -> float16 -> float32 conversions (F16C, round to nearest even, subnormals
   kept) for fp16.
@@ -243,6 +244,12 @@ def _rnd(x, code):
             def exact64(x, code):
                 return x
             return exact64
+        if name == "fp32":
+            # The CPU's float64 -> float32 conversion: round to nearest even, float32 subnormals kept (no FTZ in
+            # numba's code), overflow to inf, NaN stays NaN: exactly round_to(x, fp32), in two instructions.
+            def fp32_in64(x, code):
+                return np.float64(np.float32(x))
+            return fp32_in64
 
         def impl64(x, code):
             return round64(x, code)
