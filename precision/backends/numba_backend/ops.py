@@ -4,16 +4,16 @@ The training loops hold every value in a float64 carrier (an fp16 / bf16 / fp8 /
 and round after each operation with :func:`.rounding.rnd`. For + - * / sqrt that float64 result, rounded to the
 format, is the exactly rounded result, since 53 >= 2p + 2 for p <= 24 (so fp32 is emulated exactly too).
 
-Transcendentals follow the numpy backend's rule (``numpy_backend/ops.py``) with numba's own functions:
+Transcendentals follow the numpy backend's rule (``numpy_backend/ops.py``) with numba's own exp:
 
-- exp is :func:`exp64`, a float64 exp written here in plain IEEE arithmetic (no C-library call, no FMA), so that the
-  loops around it vectorize and its results do not depend on the machine's libm; within 1 ulp of float64;
-- tanh is the C library's (``np.tanh`` lowers to it; the MLP is the only user);
-- fp64 uses the float64 functions; fp32 rounds :func:`exp64` once to float32 (a faithful, nearly always correctly
-  rounded float32 exp; numpy's float32 exp is its SIMD loop, and tanh is the C library's tanhf: both differ from
-  numpy's by a few ulp, which tests/test_numba_backend.py measures and pins); narrower formats compute in float64
-  and round once (so both backends agree up to the 1-ulp float64 differences between the two float64 functions,
-  which a rounding to 8 or 11 bits almost never sees).
+- fp64 uses :func:`exp64`, a float64 exp; fp32 uses :func:`exp32`, the same recipe in float32 arithmetic; both are
+  written here in plain IEEE arithmetic (no C-library call, no FMA), so that the loops around them vectorize and
+  their results depend on nothing but IEEE arithmetic: exp64 is within 1 ulp of float64, exp32 within 1 ulp of
+  float32 (tests/test_numba_backend.py). numpy's float32 exp is its own SIMD loop: the two differ by a few ulp,
+  which the tests measure and pin;
+- tanh is the C library's (``np.tanh`` lowers to tanh / tanhf; the MLP is its only user);
+- narrower formats compute in float64 (exp64) and round once, so both backends agree up to the 1-ulp float64
+  differences between the two float64 functions, which a rounding to 8 or 11 bits almost never sees.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from numba.extending import overload
 
 from .rounding import JIT, TRANSCENDENTAL_FLOAT32, TRANSCENDENTAL_ROUNDED, TRANSCENDENTALS, round64
 
-__all__ = ["exp64", "exp64_array", "exp_c", "tanh_c", "sigmoid_c", "sigmoid_inplace"]
+__all__ = ["exp64", "exp32", "exp64_array", "exp32_array", "exp_c", "tanh_c", "sigmoid_c", "sigmoid_inplace"]
 
 # exp64's constants. ln 2 split Cody-Waite style (fdlibm's): _LN2_HI has 32 trailing zero bits, so k * _LN2_HI is
 # exact for every |k| <= 1076 and x - k * _LN2_HI is exact (Sterbenz); _LN2_LO carries the next 53 bits.
@@ -64,11 +64,46 @@ def exp64(x):
     return x if x != x else y
 
 
+# exp32's constants: the same recipe in float32. _LN2_HI_32 = 0x3F318000 has 9 significant bits, so k * _LN2_HI_32
+# is exact for |k| < 2^15; Taylor to degree 7: r^8 / 8! < 5.3e-9 relative on |r| <= ln(2)/2, under float32's
+# 2^-24 = 6e-8.
+_INV_LN2_32 = np.float32(1.44269502)
+_LN2_HI_32 = np.float32(0.693359375)
+_LN2_LO_32 = np.float32(-2.12194440e-4)
+_SHIFTER_32 = np.float32(12582912.0)  # 1.5 * 2^23
+_SHIFTER_32_BITS = 0x4B400000
+_P2, _P3, _P4, _P5, _P6, _P7 = (np.float32(1.0 / math.factorial(k)) for k in range(2, 8))
+
+
+@numba.njit(inline="always", **JIT)
+def exp32(x):
+    """exp(x) of a float32 in float32 arithmetic, within 1 ulp: :func:`exp64`'s recipe with float32 constants and
+    a degree-7 polynomial. Twice the SIMD lanes of float64 and half the terms: the fp32 sigmoid's cost."""
+    xc = min(max(np.float32(x), np.float32(-104.0)), np.float32(89.0))  # exp(-104) -> +0, exp(89) -> inf
+    t = xc * _INV_LN2_32 + _SHIFTER_32
+    k = np.float32(t).view(np.int32) - np.int32(_SHIFTER_32_BITS)
+    kd = t - _SHIFTER_32
+    r = (xc - kd * _LN2_HI_32) - kd * _LN2_LO_32
+    r2 = r * r
+    q = (_P2 + _P3 * r) + (_P4 + _P5 * r) * r2 + (_P6 + _P7 * r) * (r2 * r2)
+    p = np.float32(1.0) + (r + r2 * q)
+    half = k >> 1
+    y = p * np.int32((half + 127) << 23).view(np.float32) * np.int32((k - half + 127) << 23).view(np.float32)
+    return x if x != x else y
+
+
 @numba.njit(**JIT)
 def exp64_array(x, out):
     """out[i] = exp64(x[i]) for float64 arrays (tests; the numpy model of the numba backend)."""
     for i in range(x.size):
         out[i] = exp64(x[i])
+
+
+@numba.njit(**JIT)
+def exp32_array(x, out):
+    """out[i] = exp32(x[i]) for float32 arrays."""
+    for i in range(x.size):
+        out[i] = exp32(x[i])
 
 # IR-level inlining: tiny bodies called from loops (a separate function each would cost a compile of its own).
 _INLINE = dict(inline="always", jit_options=JIT)
@@ -93,9 +128,9 @@ def sigmoid_c(x, code):
 def _exp_c(x, code):
     def impl(x, code):
         kind = code[TRANSCENDENTALS]
-        y = exp64(np.float64(x))
         if kind == TRANSCENDENTAL_FLOAT32:
-            return np.float64(np.float32(y))
+            return np.float64(exp32(np.float32(x)))
+        y = exp64(np.float64(x))
         return round64(y, code) if kind == TRANSCENDENTAL_ROUNDED else y
     return impl
 
@@ -117,7 +152,7 @@ def _sigmoid_c(x, code):
         kind = code[TRANSCENDENTALS]
         if kind == TRANSCENDENTAL_FLOAT32:
             one = np.float32(1.0)
-            return np.float64(one / (one + np.float32(exp64(-np.float64(x)))))
+            return np.float64(one / (one + exp32(-np.float32(x))))
         y = 1.0 / (1.0 + exp64(-np.float64(x)))
         return round64(y, code) if kind == TRANSCENDENTAL_ROUNDED else y
     return impl
@@ -131,7 +166,7 @@ def sigmoid_inplace(x, code):
     one = np.float32(1.0)
     if kind == TRANSCENDENTAL_FLOAT32:
         for i in range(x.size):
-            x[i] = np.float64(one / (one + np.float32(exp64(-x[i]))))
+            x[i] = np.float64(one / (one + exp32(-np.float32(x[i]))))
     elif kind == TRANSCENDENTAL_ROUNDED:
         for i in range(x.size):
             x[i] = round64(1.0 / (1.0 + exp64(-x[i])), code)
