@@ -20,7 +20,7 @@ import numpy as np
 from ...problems import HIDDEN_UNITS
 from .linalg import matmul_acc, ones_pair, pair, stage
 from .ops import exp_c, sigmoid_inplace, tanh_c
-from .rounding import JIT, rnd
+from .rounding import JIT, like, rnd
 
 __all__ = ["grad_linear", "grad_softmax", "grad_mlp", "make_work", "linear_width"]
 
@@ -50,22 +50,30 @@ def make_work(problem: str, batch: int, features: int, classes: int, accum64: bo
 
 
 @numba.njit(**JIT)
+def _linear_delta(z, out, b, T, scale, logistic, cc):
+    """out = (z + b, then sigmoid if logistic, - T) * scale, each op rounded to ``cc``, in the carrier of ``out``:
+    float64, or float32 (exact for compute formats up to fp32, so with an fp32 accumulator). Separate passes, so
+    that each is a branch-free loop that vectorizes; in a float32 carrier the sigmoid runs twice as many lanes."""
+    for i in range(out.size):
+        out[i] = rnd(like(z[i], out) + like(b, out), cc)
+    if logistic:
+        sigmoid_inplace(out, cc)
+    for i in range(out.size):
+        out[i] = rnd(rnd(out[i] - like(T[i], out), cc) * like(scale, out), cc)
+
+
+@numba.njit(**JIT)
 def grad_linear(logistic, pc, Xb, XbT, Tb, scale, cc, accum64, work, g):
-    """linreg (delta = z - y) and logreg (delta = sigmoid(z) - y), z = Xw + b, both times ``scale``."""
+    """linreg (delta = z - y) and logreg (delta = sigmoid(z) - y), z = Xw + b, both times ``scale``. With an fp32
+    accumulator delta is computed in float32 straight into the float32 operand of the gradient's product."""
     z, delta_op, w_op, acc, grad_row = work
     d = w_op[0].shape[1] + w_op[1].shape[1]  # features: one member of the pair is empty
     stage(pc[:d].reshape((1, d)), w_op, accum64)
     matmul_acc(w_op, XbT, acc, z, cc, accum64)  # (X w) as a row, rounded once
-    b = pc[d]
-    row = z[0]
-    # Separate passes, so that the ones without a C-library call vectorize.
-    for i in range(row.size):
-        row[i] = rnd(row[i] + b, cc)
-    if logistic:
-        sigmoid_inplace(row, cc)
-    for i in range(row.size):
-        row[i] = rnd(rnd(row[i] - Tb[i], cc) * scale, cc)
-    stage(z, delta_op, accum64)
+    if accum64:
+        _linear_delta(z[0], delta_op[1][0], pc[d], Tb, scale, logistic, cc)
+    else:
+        _linear_delta(z[0], delta_op[0][0], pc[d], Tb, scale, logistic, cc)
     matmul_acc(delta_op, Xb, acc, grad_row, cc, accum64)  # [X | 1 | 0].T delta: (gw, gb, 0)
     for j in range(d + 1):
         g[j] = grad_row[0, j]

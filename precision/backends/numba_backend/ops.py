@@ -160,8 +160,9 @@ def _sigmoid_c(x, code):
 
 @numba.njit(**JIT)
 def sigmoid_inplace(x, code):
-    """x[i] = sigmoid_c(x[i], code) over a float64 array, with the format's rule picked once outside the loops:
-    each loop is then branch-free and vectorizes (a per-element branch on the rule would keep it scalar)."""
+    """x[i] = sigmoid_c(x[i], code) over a float64 or float32 array (the carrier; float32 only for formats up to
+    fp32), with the format's rule picked once outside the loops: each loop is then branch-free and vectorizes (a
+    per-element branch on the rule would keep it scalar)."""
     kind = code[TRANSCENDENTALS]
     one = np.float32(1.0)
     if kind == TRANSCENDENTAL_FLOAT32:

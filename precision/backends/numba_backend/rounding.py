@@ -49,7 +49,7 @@ from numba.extending import intrinsic, overload
 
 from ...formats import Format, get_format
 
-__all__ = ["FormatCode", "format_code", "static_code", "static_format_name", "rnd", "store", "round32", "round64",
+__all__ = ["FormatCode", "format_code", "static_code", "static_format_name", "rnd", "store", "like", "round32", "round64",
            "round_array32", "round_array64", "JIT", "TRANSCENDENTALS", "TRANSCENDENTAL_FLOAT32",
            "TRANSCENDENTAL_ROUNDED", "HAS_F16C"]
 
@@ -277,6 +277,23 @@ def _rnd(x, code):
     def impl32(x, code):
         return round32(x, code)
     return impl32
+
+
+def like(x, array):
+    """``x`` converted to the element type of ``array`` (float32 or float64): the carrier a loop computes in."""
+    raise NotImplementedError("like is only callable from numba-compiled code")
+
+
+@overload(like, inline="always", jit_options=JIT)
+def _like(x, array):
+    if array.dtype == types.float32:
+        def to32(x, array):
+            return np.float32(x)
+        return to32
+
+    def to64(x, array):
+        return np.float64(x)
+    return to64
 
 
 def store(x, storage, work):
