@@ -6,13 +6,16 @@
     python benchmarks/numba_figures.py matrix                           # default matrix: numba's cold/warm share
     python benchmarks/numba_figures.py agreement                        # numba vs numpy, final params
 
-Timings are minima over interleaved repeats (kernels) or over whole runs (logreg), so that another process on a
-shared machine inflates them as little as possible.
+Timings are minima over interleaved repeats (kernels) or over interleaved whole runs (logreg), so that another
+process on a shared machine inflates them as little as possible. ``kernels`` and ``logreg`` pin the process to one
+CPU first (every backend's threads included: JAX's runtime threads would otherwise run on the other cores), so the
+figures are single-core figures, comparable between backends and between runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -85,7 +88,6 @@ def matrix() -> None:
                              capture_output=True, text=True)
         return float(out.stdout.strip().splitlines()[-1])
 
-    import os
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, NUMBA_CACHE_DIR=cache)
         numpy_only = timed(["numpy"], env)
@@ -133,6 +135,10 @@ def main() -> None:
     parser.add_argument("--n", type=float, default=1e7, help="parameters per update step (kernels)")
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
+    if args.figure in ("kernels", "logreg") and hasattr(os, "sched_setaffinity"):
+        cpu = min(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cpu})  # before numba / JAX start their threads
+        print(f"pinned to CPU {cpu}")
     if args.figure == "kernels":
         kernels(int(args.n), args.repeats)
     elif args.figure == "logreg":
