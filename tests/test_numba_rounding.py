@@ -13,6 +13,7 @@ contract: the kernels return a quiet NaN).
 from __future__ import annotations
 
 import math
+import pickle
 import time
 
 import numba
@@ -213,3 +214,15 @@ def test_all_float32_patterns(fmt):
             round_array32(x, code_for(fmt, kind), out)
             assert_same_bits(out, want, x, f"{fmt} {kind} patterns {first:#x}..")
     print(f"\n{fmt}: 2^32 patterns x {len(KINDS)} kernels in {time.perf_counter() - start:.0f} s")
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_static_codes_pickle_by_name(name):
+    """numba's on-disk cache pickles the argument types of every compiled signature: a static code's class must
+    pickle by reference (a module attribute), or every process silently recompiles the specializations that take
+    one (the pure-fp32 linear-model loop: ~8 s)."""
+    code = static_code(FORMATS[name])
+    back = pickle.loads(pickle.dumps(code))
+    assert type(back) is type(code) and back == code
+    numba_type = numba.typeof(code)
+    assert pickle.loads(pickle.dumps(numba_type)) == numba_type

@@ -137,6 +137,9 @@ def format_code(fmt: Format | str) -> FormatCode:
 # One FormatCode subclass per format: numba types a named tuple by its class, so each is its own compile-time type.
 _STATIC_CLASSES = {name: type(f"StaticFormatCode_{name}", (FormatCode,), {"format_name": name})
                    for name in ("fp64", "fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2")}
+# Module attributes, so that pickle finds the classes by name: numba's on-disk cache pickles the argument types of
+# every compiled signature, and without this it silently recompiles the static specializations in every process.
+globals().update({cls.__name__: cls for cls in _STATIC_CLASSES.values()})
 _STATIC_BY_CLASS = {cls: name for name, cls in _STATIC_CLASSES.items()}
 
 
