@@ -2,6 +2,7 @@
 ``time_`` / ``track_`` names; asv imports it during discovery and finds nothing to run).
 
     NUMBA_NUM_THREADS=1 python benchmarks/numba_figures.py kernels      # update step ratios at N = 1e7
+    NUMBA_NUM_THREADS=1 python benchmarks/numba_figures.py bf16-hardware  # bf16 step with vcvtneps2bf16 (inexact)
     NUMBA_NUM_THREADS=1 python benchmarks/numba_figures.py logreg       # whole-loop logreg, every backend
     python benchmarks/numba_figures.py matrix                           # default matrix: numba's cold/warm share
     python benchmarks/numba_figures.py agreement                        # numba vs numpy, final params
@@ -44,6 +45,80 @@ def kernels(n: int, repeats: int) -> None:
     print(f"bf16 Adam time / fp32 Adam time:         {best[('numba', 'adam', 'bf16')] / fp32:.2f}")
     print(f"fp16 Adam time / fp32 Adam time:         {best[('numba', 'adam', 'fp16')] / fp32:.2f}")
     print(f"numpy fp32 Adam throughput / reference:  {reference / best[('numpy', 'adam', 'fp32')]:.2f}")
+
+
+def bf16_hardware(n: int, repeats: int) -> None:
+    """Would AVX512_BF16's conversion make the bf16 step fast? The pure-bf16 Adam step with every rounding done by
+    LLVM's float -> bfloat truncation (``vcvtneps2bf16`` where the CPU has AVX512_BF16; it flushes subnormals, so
+    this kernel is NOT exact and is not part of the backend), against the exact kernel and fp32, in one run."""
+    import numba
+    import numpy as np
+    from llvmlite import ir
+    from numba import types
+    from numba.extending import intrinsic
+
+    from precision.backends.numba_backend.rounding import static_code
+    from precision.backends.numba_backend.storage import decode16
+    from precision.backends.numba_backend.update import COL, row_scalars
+    from precision.formats import FORMATS
+    from precision.kernels import KERNEL_STEP, update_case
+    from precision.optim import make_optimizer, scalar_table
+
+    class BFloat(ir.types._BaseFloatType):
+        null, intrinsic_name = "0.0", "bf16"
+
+        def __str__(self):
+            return "bfloat"
+    BFloat._create_instance()
+
+    @intrinsic
+    def round_hw(typingctx, x):
+        def codegen(context, builder, signature, args):
+            return builder.fpext(builder.fptrunc(args[0], BFloat()), ir.FloatType())
+        return types.float32(types.float32), codegen
+
+    @intrinsic
+    def encode_hw(typingctx, x):
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(builder.fptrunc(args[0], BFloat()), ir.IntType(16))
+        return types.uint16(types.float32), codegen
+
+    b1, omb1, b2, omb2 = COL["beta1"], COL["one_minus_beta1"], COL["beta2"], COL["one_minus_beta2"]
+    sqrt_bc2, eps, step_size = COL["sqrt_bc2"], COL["eps"], COL["step_size"]
+
+    @numba.njit(error_model="numpy")
+    def adam_hw(p, g, m, v, p_out, m_out, v_out, row, code):
+        # update.adam_element's 13 roundings for plain Adam, each one hardware conversion
+        r = row_scalars(row)
+        for i in range(p.size):
+            gi, mi, vi = decode16(g[i], code), decode16(m[i], code), decode16(v[i], code)
+            mi = round_hw(round_hw(r[b1] * mi) + round_hw(r[omb1] * gi))
+            vi = round_hw(round_hw(r[b2] * vi) + round_hw(r[omb2] * round_hw(gi * gi)))
+            denom = round_hw(round_hw(round_hw(np.sqrt(vi)) / r[sqrt_bc2]) + r[eps])
+            w = round_hw(decode16(p[i], code) - round_hw(round_hw(r[step_size] * mi) / denom))
+            p_out[i], m_out[i], v_out[i] = encode_hw(w), encode_hw(mi), encode_hw(vi)
+
+    fp32, exact = update_case("numba", "adam", "fp32", n), update_case("numba", "adam", "bf16", n)
+    row = scalar_table(make_optimizer("adam"), KERNEL_STEP, FORMATS["bf16"])[KERNEL_STEP - 1].astype(np.float32)
+    ins = [a.view(np.uint16) for a in exact.inputs]
+    outs = [np.empty_like(ins[0]) for _ in range(3)]
+    code = static_code("bf16")
+
+    def hardware():
+        adam_hw(*ins, *outs, row, code)
+    cases = {"numba/adam/fp32": fp32.step, "numba/adam/bf16 exact": exact.step, "bf16 vcvtneps2bf16": hardware}
+    for step in cases.values():
+        step()
+    same = all(np.array_equal(a.view(np.uint16), b) for a, b in zip(exact.outputs(), outs))
+    best = dict.fromkeys(cases, float("inf"))
+    for _ in range(repeats):
+        for name, step in cases.items():
+            start = time.perf_counter()
+            step()
+            best[name] = min(best[name], time.perf_counter() - start)
+    for name, seconds in best.items():
+        print(f"{name:24s} {seconds * 1e3:8.2f} ms  {seconds / best['numba/adam/fp32']:.2f} x fp32")
+    print(f"hardware rounding equals the exact kernel on these inputs (all normal): {same}")
 
 
 def logreg(runs: int) -> None:
@@ -104,6 +179,7 @@ def agreement() -> None:
 
     import numpy as np
 
+    from precision.drift import rel_l2
     from precision.matrix import build_specs
     from precision.policy import PRESETS
     from precision.runner import dataset_for, train
@@ -131,16 +207,18 @@ def agreement() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("figure", choices=["kernels", "logreg", "matrix", "agreement"])
+    parser.add_argument("figure", choices=["kernels", "bf16-hardware", "logreg", "matrix", "agreement"])
     parser.add_argument("--n", type=float, default=1e7, help="parameters per update step (kernels)")
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
-    if args.figure in ("kernels", "logreg") and hasattr(os, "sched_setaffinity"):
+    if args.figure in ("kernels", "bf16-hardware", "logreg") and hasattr(os, "sched_setaffinity"):
         cpu = min(os.sched_getaffinity(0))
         os.sched_setaffinity(0, {cpu})  # before numba / JAX start their threads
         print(f"pinned to CPU {cpu}")
     if args.figure == "kernels":
         kernels(int(args.n), args.repeats)
+    elif args.figure == "bf16-hardware":
+        bf16_hardware(int(args.n), args.repeats)
     elif args.figure == "logreg":
         logreg(max(args.repeats // 4, 1))
     elif args.figure == "matrix":

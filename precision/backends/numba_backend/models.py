@@ -27,8 +27,9 @@ __all__ = ["grad_linear", "grad_softmax", "grad_mlp", "make_work", "linear_width
 
 def linear_width(features: int) -> int:
     """Columns of [X | 1 | 0 ...]: the data, a column of ones (its product with delta is the bias gradient), zeros
-    up to a multiple of 16 so that the product's inner loop has no scalar remainder (0 * delta adds nothing to the
-    columns that are kept)."""
+    up to a multiple of 8, one float32 vector, so that the product's inner loop has no scalar remainder (0 * delta
+    adds nothing to the columns that are kept). 8 rather than 16: less data to stream per step (1,024 x 40 against
+    x 48 floats for 32 features), 0.3 us of a 7 us logistic-regression step."""
     return -(-(features + 1) // 8) * 8
 
 
