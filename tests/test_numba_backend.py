@@ -437,6 +437,19 @@ def test_low_precision_runs_agree_within_sqrt_steps_u(policy, problem, opt):
 
 # -- 4. determinism and the backend contract -------------------------------------------------------------------
 
+@pytest.mark.parametrize("policy, problem, static", [("fp32", "logreg", True), ("fp32", "linreg", True),
+                                                     ("fp32", "mlp", False), ("fp64", "logreg", False),
+                                                     ("bf16-mixed", "logreg", False), ("state-bf16", "logreg", False)])
+def test_static_codes_only_for_the_pure_fp32_linear_loop(policy, problem, static):
+    """Which runs take the static-code loop (the pinning tests above cover both kinds bit for bit): the pure fp32
+    policy of the linear models, and nothing else, so the default matrix compiles one extra loop, not four."""
+    from precision.backends.numba_backend import policy_codes
+    from precision.backends.numba_backend.rounding import FormatCode, static_format_name
+    codes = policy_codes(POLICIES[policy], problem)
+    assert all(isinstance(c, FormatCode) for c in codes)
+    assert [static_format_name(numba.typeof(c)) is not None for c in codes] == [static] * 5
+
+
 _CHILD = """
 import json, sys
 import precision
