@@ -172,9 +172,10 @@ def matrix() -> None:
     print(f"numba's share: cold {cold - numpy_only:.1f} s, warm {warm - numpy_only:.1f} s")
 
 
-def agreement() -> None:
-    """rel_l2(numba, numpy) of the final params per preset: 4 problems x {sgd, adam, adamw}, 200 steps, batch 128,
-    synthetic data; how many runs are bit-identical, how many diverge (at the same step in both, or it fails)."""
+def agreement(policies=None) -> None:
+    """rel_l2(numba, numpy) of the final params per preset (all, or ``policies``): 4 problems x {sgd, adam,
+    adamw}, 200 steps, batch 128, synthetic data; how many runs are bit-identical, how many diverge (at the same
+    step in both, or it fails)."""
     import dataclasses
 
     import numpy as np
@@ -184,7 +185,7 @@ def agreement() -> None:
     from precision.policy import PRESETS
     from precision.runner import dataset_for, train
 
-    for policy in PRESETS:
+    for policy in policies or PRESETS:
         rels, identical, diverged = [], 0, 0
         for problem in ("linreg", "logreg", "softmax", "mlp"):
             for optimizer in ("sgd", "adam", "adamw"):
