@@ -64,8 +64,8 @@ def stage(src, dst, accum64):
 @numba.njit(**JIT)
 def matmul(A, B, acc, out, cc):
     """out = rnd(A @ B) row by row, ascending k; ``acc`` is a scratch row (>= B.shape[1]) of the accumulator type.
-    Eight k per pass over ``acc``, still added to each output in ascending k: a quarter of the loads and stores of
-    ``acc`` of one k per pass; the linear models' gradient (1,024 x 40, fp32) took 2.8 us where four per pass took
+    Eight k per pass over ``acc``, still added to each output in ascending k: half the loads and stores of ``acc``
+    that four per pass make; the linear models' gradient (1,024 x 40, fp32) took 2.8 us where four per pass took
     3.1."""
     n, n_k = B.shape[1], A.shape[1]
     for i in range(A.shape[0]):
