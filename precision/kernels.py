@@ -152,15 +152,12 @@ def _numba_step(opt, fmt, row, p, g, state):
     ins = [to_kernel(a) for a in (p, g, *state)]
     outs = [np.empty_like(a) for a in ins[:1] + ins[2:]]
     if opt.is_adam:
-        kernel = kernels.adam_step16 if narrow else kernels.adam_step
-
         def step():
-            kernel(*ins, *outs, carrier_row, decoupled, l2, code)
+            kernels.adam_step(*ins, *outs, carrier_row, decoupled, l2, code)
     else:
-        kernel = kernels.sgd_step16 if narrow else kernels.sgd_step
-
         def step():
-            kernel(ins[0], ins[1], ins[2], outs[0], outs[1], carrier_row, False, l2, momentum, nesterov, code)
+            kernels.sgd_step(ins[0], ins[1], ins[2], outs[0], outs[1], carrier_row, False, l2, momentum, nesterov,
+                             code)
 
     def outputs():
         return tuple(a.view(fmt.dtype) for a in outs)

@@ -149,12 +149,11 @@ def test_storage_kernels_are_bit_identical(name, case):
         ins = [store(a) for a in arrays]
         outs = [np.empty_like(ins[0]) for _ in range(3)]
         if opt.is_adam:
-            kernel = kernels.adam_step16 if fmt.bits == 16 else kernels.adam_step
-            kernel(*ins, *outs, carrier_row, decoupled, l2, code)
+            kernels.adam_step(*ins, *outs, carrier_row, decoupled, l2, code)
             got_state = outs[1:]
         else:
-            kernel = kernels.sgd_step16 if fmt.bits == 16 else kernels.sgd_step
-            kernel(ins[0], ins[1], ins[2], outs[0], outs[1], carrier_row, step == 1, l2, momentum, nesterov, code)
+            kernels.sgd_step(ins[0], ins[1], ins[2], outs[0], outs[1], carrier_row, step == 1, l2, momentum,
+                             nesterov, code)
             got_state = outs[1:2]
         view = (lambda a: a.view(fmt.dtype)) if fmt.bits == 16 else (lambda a: a)
         assert same_bits(view(outs[0]), want_p)

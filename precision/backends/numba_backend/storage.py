@@ -20,7 +20,7 @@ from numba.extending import intrinsic, overload
 
 from .rounding import HAS_F16C, JIT, static_format_name
 
-__all__ = ["encode16", "decode16", "encode_array16", "decode_array16"]
+__all__ = ["encode16", "decode16", "load", "save", "encode_array16", "decode_array16"]
 
 
 @intrinsic
@@ -134,6 +134,35 @@ def _decode16(h, code):
     def fp16(h, code):
         return _fp16_decode_bits(h)
     return fp16
+
+
+def load(stored, code):
+    """A storage element as its value: float32 / float64 elements as they are, uint16 patterns decoded
+    (:func:`decode16`). Lets one kernel serve every storage width: each array dtype compiles its own loop."""
+    raise NotImplementedError("load is only callable from numba-compiled code")
+
+
+def save(x, array, code):
+    """``x`` as an element of ``array``: itself for float arrays, its pattern (:func:`encode16`) for uint16."""
+    raise NotImplementedError("save is only callable from numba-compiled code")
+
+
+@overload(load, inline="always", jit_options=JIT)
+def _load(stored, code):
+    if isinstance(stored, types.Integer):
+        def pattern(stored, code):
+            return decode16(stored, code)
+        return pattern
+    return lambda stored, code: stored
+
+
+@overload(save, inline="always", jit_options=JIT)
+def _save(x, array, code):
+    if isinstance(array.dtype, types.Integer):
+        def pattern(x, array, code):
+            return encode16(x, code)
+        return pattern
+    return lambda x, array, code: x
 
 
 @numba.njit(**JIT)
