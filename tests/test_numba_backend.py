@@ -35,7 +35,7 @@ import precision.backends.numpy_backend as numpy_backend
 from precision.backends import backend_availability, get_backend
 from precision.backends.numba_backend import kernels, linalg
 from precision.backends.numba_backend.loops import apply_update
-from precision.backends.numba_backend.ops import exp32_array, exp64_array, exp_c, sigmoid_c, tanh_c
+from precision.backends.numba_backend.ops import exp32_array, exp64_array, exp_c, sigmoid_inplace, tanh_c
 from precision.backends.numba_backend.rounding import format_code, static_code
 from precision.backends.numba_backend.update import optimizer_flags
 from precision.backends.numpy_backend.ops import FormatOps, convert
@@ -297,7 +297,8 @@ def _transcendentals(x, code, out):
     for i in range(x.size):
         out[0, i] = exp_c(x[i], code)
         out[1, i] = tanh_c(x[i], code)
-        out[2, i] = sigmoid_c(x[i], code)
+        out[2, i] = x[i]
+    sigmoid_inplace(out[2], code)  # the loops' own sigmoid (models.py)
 
 
 def numba_transcendentals(x64: np.ndarray, fmt: Format) -> np.ndarray:

@@ -26,7 +26,7 @@ from numba.extending import overload
 
 from .rounding import JIT, TRANSCENDENTAL_FLOAT32, TRANSCENDENTAL_ROUNDED, TRANSCENDENTALS, round64
 
-__all__ = ["exp64", "exp32", "exp64_array", "exp32_array", "exp_c", "tanh_c", "sigmoid_c", "sigmoid_inplace"]
+__all__ = ["exp64", "exp32", "exp64_array", "exp32_array", "exp_c", "tanh_c", "sigmoid_inplace"]
 
 # exp64's constants. ln 2 split Cody-Waite style (fdlibm's): _LN2_HI has 32 trailing zero bits, so k * _LN2_HI is
 # exact for every |k| <= 1076 and x - k * _LN2_HI is exact (Sterbenz); _LN2_LO carries the next 53 bits.
@@ -118,12 +118,6 @@ def tanh_c(x, code):
     raise NotImplementedError("tanh_c is only callable from numba-compiled code")
 
 
-def sigmoid_c(x, code):
-    """1 / (1 + exp(-x)), numpy's op order: every op in float32 for fp32, one float64 expression rounded once
-    below fp32, float64 for fp64."""
-    raise NotImplementedError("sigmoid_c is only callable from numba-compiled code")
-
-
 @overload(exp_c, **_INLINE)
 def _exp_c(x, code):
     def impl(x, code):
@@ -146,23 +140,12 @@ def _tanh_c(x, code):
     return impl
 
 
-@overload(sigmoid_c, **_INLINE)
-def _sigmoid_c(x, code):
-    def impl(x, code):
-        kind = code[TRANSCENDENTALS]
-        if kind == TRANSCENDENTAL_FLOAT32:
-            one = np.float32(1.0)
-            return np.float64(one / (one + exp32(-np.float32(x))))
-        y = 1.0 / (1.0 + exp64(-np.float64(x)))
-        return round64(y, code) if kind == TRANSCENDENTAL_ROUNDED else y
-    return impl
-
-
 @numba.njit(**JIT)
 def sigmoid_inplace(x, code):
-    """x[i] = sigmoid_c(x[i], code) over a float64 or float32 array (the carrier; float32 only for formats up to
-    fp32), with the format's rule picked once outside the loops: each loop is then branch-free and vectorizes (a
-    per-element branch on the rule would keep it scalar)."""
+    """x[i] = 1 / (1 + exp(-x[i])) over a float64 or float32 array (the carrier; float32 only for formats up to
+    fp32), numpy's op order by the format's rule: every op in float32 for fp32, one float64 expression rounded
+    once below fp32, float64 for fp64. The rule is picked once, outside the loops: each loop is then branch-free
+    and vectorizes (a per-element branch on the rule would keep it scalar)."""
     kind = code[TRANSCENDENTALS]
     one = np.float32(1.0)
     if kind == TRANSCENDENTAL_FLOAT32:
