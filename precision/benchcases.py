@@ -3,7 +3,7 @@
 The grid is problem x optimizer x policy x backend. Every case is an ordinary :class:`RunSpec`, so a benchmark
 figure and the matching row of ``precision run`` are the same measurement of the same run. The policies are the
 ones that train without diverging on these problems (fp16 Adam overflows at step 1: its eps underflows to 0, see
-NUMERICS.md), so a divergence in a benchmark is a regression, not an expected result.
+docs/numerics.md), so a divergence in a benchmark is a regression, not an expected result.
 
 ``PRECISION_BENCH_CASES`` (a regular expression searched in each case's label, e.g. ``/numpy$``) restricts which
 cases run; the others are skipped with a reason naming the variable. The grid itself (the asv parameters) does not

@@ -1,7 +1,7 @@
 """The JAX backend's optimizer updates against optax's (optax.adam, optax.adamw, optax.sgd), and which optax
 setting or formula form gives each difference.
 
-The two forms (NUMERICS.md; precision/optim.py has ours, torch.optim's):
+The two forms (docs/numerics.md; precision/optim.py has ours, torch.optim's):
 
 =================  ========================================  ====================================================
 form               ours (torch)                              optax

@@ -42,6 +42,7 @@ from precision.policy import PRESETS, get_policy  # noqa: E402
 from precision.problems import unflatten  # noqa: E402
 from precision.runner import dataset_for, run_one, train  # noqa: E402
 from precision.spec import RunSpec  # noqa: E402
+from precision.machine import xla_cpu_rewrites  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FP64 = get_format("fp64")
@@ -115,7 +116,7 @@ def xla_model_update(opt, step, row, w, g, state, fmt, contract=frozenset(), rec
 
 
 # Adam's eps is 1e-4 here: the default 1e-8 is 0 in fp16, so wherever v underflows the update is inf and the
-# comparison would be about NaN (a known fp16 failure mode, NUMERICS.md), not about arithmetic. AdamW uses
+# comparison would be about NaN (a known fp16 failure mode, docs/numerics.md), not about arithmetic. AdamW uses
 # lr = 1e-2, wd = 0.1: with the defaults the decay factor 1 - 1e-5 rounds to exactly 1 in fp16 and bf16 (the
 # decoupled decay vanishes), which would leave the "decay" site unobservable.
 UPDATE_CASES = [make_optimizer("adam", eps=1e-4), make_optimizer("adamw", lr=1e-2, weight_decay=0.1, eps=1e-4),
@@ -125,27 +126,19 @@ UPDATE_CASES = [make_optimizer("adam", eps=1e-4), make_optimizer("adamw", lr=1e-
 UPDATE_IDS = [str(o) for o in UPDATE_CASES]
 
 
-def _cpu_has_fma() -> bool:
-    """Whether this CPU has fused multiply-add (XLA's LLVM contracts only when the target has it)."""
-    try:
-        from numpy._core._multiarray_umath import __cpu_features__
-    except ImportError:  # pragma: no cover - numpy < 2
-        from numpy.core._multiarray_umath import __cpu_features__
-    return bool(__cpu_features__.get("FMA3", False) or __cpu_features__.get("ASIMD", False))
+def expected_contraction(fmt_name: str, features=None, xla_flags=None) -> frozenset:
+    """The sites XLA's CPU backend fuses into an FMA, derived from the CPU features and XLA_FLAGS
+    (precision.machine.xla_cpu_rewrites; measured with jax 0.10.2, docs/numerics.md):
 
-
-def _max_isa_avx() -> bool:
-    return "--xla_cpu_max_isa=AVX" in os.environ.get("XLA_FLAGS", "")
-
-
-def expected_contraction(fmt_name: str) -> frozenset:
-    """The sites XLA's CPU backend fuses into an FMA, as measured with jax 0.10.2 (docs/jax.md): every one, in
-    float16 as in float32 (float16 is a native LLVM type there, so its a*b + c contracts like float32's). bf16
-    is not: XLA computes it in float32 with a rounding to bf16 after each op, which blocks contraction. Nothing is
-    fused without FMA hardware or under --xla_cpu_max_isa=AVX."""
-    if _max_isa_avx() or not _cpu_has_fma():
-        return frozenset()
-    return CONTRACTION_SITES
+    * fp32: every site, where the CPU has FMA and --xla_cpu_max_isa does not cap it away (AVX does);
+    * fp16: every site only where XLA computes float16 natively (AVX512-FP16, e.g. Sapphire/Emerald Rapids);
+      elsewhere (an AMD EPYC with or without AVX-512, any CPU without AVX512-FP16) each fp16 op is computed in
+      float32 and rounded, exactly numpy's per-op rounding, and nothing is contracted;
+    * bf16 never: XLA rounds to bf16 after each float32 op, which blocks contraction.
+    """
+    rewrites = xla_cpu_rewrites(features, xla_flags)
+    fused = {"fp32": rewrites.fp32_fma, "fp16": rewrites.fp16_fma}.get(fmt_name, False)
+    return CONTRACTION_SITES if fused else frozenset()
 
 
 def hostile_gradients(rng, n, steps, fmt, low_exponent):
@@ -233,8 +226,9 @@ out = {{}}
 for fmt_name in ("fp16", "fp32"):
     for opt in t.UPDATE_CASES:
         counts = t.compare_updates(opt, fmt_name, steps=15, n=20_000,
-                                   reference=t.contraction_model(fmt_name, frozenset(), True))
+                                   reference=t.contraction_model(fmt_name, t.expected_contraction(fmt_name), True))
         out[f"{{fmt_name}} {{opt}}"] = {{k: counts[k] for k in ("jax_vs_numpy", "jax_vs_model")}}
+        out[f"{{fmt_name}} {{opt}}"]["expected_sites"] = len(t.expected_contraction(fmt_name))
 print(json.dumps(out))
 """
 
@@ -243,12 +237,15 @@ def test_no_fma_isa_removes_every_contraction():
     # XLA_FLAGS must be set before jax is imported, hence a subprocess. Without FMA instructions LLVM cannot
     # contract; what remains is the reciprocal rewrite, which only Adam's bias-correction division meets. So SGD
     # (every form) is bit-identical to the reference, and Adam equals the reference with the reciprocal only.
+    # The subprocess derives its expectation from its own XLA_FLAGS (expected_contraction reads them): this is
+    # the emulation of a CPU without FMA, and it must take the no-contraction expectation.
     env = dict(os.environ, XLA_FLAGS="--xla_cpu_max_isa=AVX", JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", AVX_SCRIPT.format(tests=str(Path(__file__).parent))],
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     for case, counts in results.items():
+        assert counts["expected_sites"] == 0, (case, counts)
         assert counts["jax_vs_model"] == 0, (case, counts)
         if case.split(" ", 1)[1].startswith("sgd"):
             assert counts["jax_vs_numpy"] == 0, (case, counts)

@@ -13,7 +13,10 @@ contract: the kernels return a quiet NaN).
 from __future__ import annotations
 
 import math
+import os
 import pickle
+import subprocess
+import sys
 import time
 
 import numba
@@ -107,7 +110,7 @@ def test_every_midpoint_and_its_neighbours(fmt, kind):
 
 
 def test_known_values():
-    """A few hand-checked roundings (NUMERICS.md): bf16(0.999) == 1; fp16 overflow at 65520; e4m3fn has no inf."""
+    """A few hand-checked roundings (docs/numerics.md): bf16(0.999) == 1; fp16 overflow at 65520; e4m3fn has no inf."""
     cases = [("bf16", 0.999, 1.0), ("fp16", 65519.0, 65504.0), ("fp16", 65520.0, np.inf),
              ("fp16", 2.0**-25, 0.0), ("fp16", 2.0**-25 * 1.5, 2.0**-24), ("fp8_e4m3fn", 464.0, 448.0),
              ("fp8_e4m3fn", 465.0, np.nan), ("fp8_e5m2", 1e6, np.inf), ("bf16", 1.0 + 2.0**-8, 1.0),
@@ -198,6 +201,45 @@ def test_static_fp16_uses_f16c_where_the_cpu_has_it():
     kernel(x, static_code(FORMATS["fp16"]), np.empty_like(x))
     assembly = kernel.inspect_asm(kernel.signatures[0])
     assert ("vcvtps2ph" in assembly) == HAS_F16C
+
+
+NO_F16C_SCRIPT = """
+import numpy as np
+import numba
+from precision.backends.numba_backend.rounding import HAS_F16C, round_array32, static_code
+from precision.formats import FORMATS
+assert not HAS_F16C, "NUMBA_CPU_FEATURES without f16c must switch the by-hand path on"
+kernel = numba.njit(error_model="numpy")(round_array32.py_func)
+rng = np.random.default_rng(5)
+x = np.concatenate([np.arange(2**16, dtype=np.uint16).view(np.float16).astype(np.float32),
+                    rng.integers(0, 2**32, 2 * 10**6, dtype=np.uint64).astype(np.uint32).view(np.float32)])
+out = np.empty_like(x)
+kernel(x, static_code(FORMATS["fp16"]), out)
+with np.errstate(over="ignore", invalid="ignore"):
+    want = x.astype(np.float16).astype(np.float32)
+differ = (out.view(np.uint32) != want.view(np.uint32)) & ~(np.isnan(out) & np.isnan(want))
+print(int(differ.sum()), "vcvtps2ph" in kernel.inspect_asm(kernel.signatures[0]))
+"""
+
+
+def test_static_fp16_without_f16c_is_exact_and_takes_the_other_path(tmp_path):
+    """A CPU without F16C, emulated: numba compiles for the feature string in NUMBA_CPU_FEATURES (this CPU's minus
+    f16c). HAS_F16C must follow it, the fp16 rounding must then take the by-hand path (no vcvtps2ph) and stay bit
+    exact on every fp16 value and 2e6 random float32 patterns. On a CPU without F16C this is the native case."""
+    from llvmlite import binding as llvm
+    features = llvm.get_host_cpu_features()
+    features["f16c"] = False
+    # AVX-512 and AVX2 conversion paths that imply F16C would re-enable it in LLVM: turn off what depends on it.
+    for name in list(features):
+        if name.startswith("avx512"):
+            features[name] = False
+    env = dict(os.environ, NUMBA_CPU_FEATURES=features.flatten(), NUMBA_CACHE_DIR=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", NO_F16C_SCRIPT], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    mismatches, uses_f16c = proc.stdout.split()
+    assert mismatches == "0"
+    assert uses_f16c == "False"
 
 
 @pytest.mark.exhaustive

@@ -3,7 +3,7 @@ and exact conversions between formats.
 
 The policy is expressed natively: arrays carry the policy's dtypes, dot products ask XLA for the accumulator
 dtype through ``preferred_element_type`` (exact products, one rounding to the compute format afterwards), and
-XLA rounds fp16/bf16/fp8 elementwise ops after every op by itself (NUMERICS.md), so elementwise code is plain jnp.
+XLA rounds fp16/bf16/fp8 elementwise ops after every op by itself (docs/numerics.md), so elementwise code is plain jnp.
 
 Two places where plain jnp would not give the reference's (numpy backend's) semantics:
 

@@ -1,6 +1,6 @@
 """Exact round-to-nearest-even into any format of :mod:`precision.formats`, inside numba-compiled code.
 
-numba's CPU target has no float16 or bfloat16 type (NUMERICS.md), so narrow formats are emulated: their values are
+numba's CPU target has no float16 or bfloat16 type (docs/numerics.md), so narrow formats are emulated: their values are
 kept in a wider *carrier* (float32 in the update kernels, float64 in the training loops; every fp32 / fp16 / bf16 /
 fp8 value is exactly a value of either) and every operation's carrier result is rounded to the format right after
 it. For + - * / sqrt of format values that carrier rounding followed by a rounding to the format equals the exactly
@@ -58,9 +58,20 @@ __all__ = ["FormatCode", "format_code", "static_code", "static_format_name", "rn
 # contract a*b + c into FMA, changing results).
 JIT = dict(cache=True, error_model="numpy", fastmath=False)
 
+
+
+def _target_has(feature: str) -> bool:
+    """Whether numba's code generator targets ``feature``: the host CPU's, unless NUMBA_CPU_FEATURES overrides
+    them (numba then compiles for exactly that feature string; the tests use it to emulate a CPU without F16C)."""
+    override = numba.config.CPU_FEATURES
+    if override:
+        return f"+{feature}" in override.replace(" ", "").split(",")
+    return bool(llvm.get_host_cpu_features().get(feature, False))
+
+
 # float16 <-> float32 conversions in hardware. Without F16C, LLVM would lower them to C runtime calls that numba's
-# JIT linker may not find, so they are used only where the CPU has the instructions.
-HAS_F16C = bool(llvm.get_host_cpu_features().get("f16c", False))
+# JIT linker may not find, so they are used only where the target has the instructions.
+HAS_F16C = _target_has("f16c")
 
 _F32_MANTISSA, _F64_MANTISSA = 23, 52
 _F32_QNAN, _F64_QNAN = 0x7FC00000, 0x7FF8000000000000
@@ -188,7 +199,7 @@ def _round64_bits(typingctx, x, half, lsb, mask, tiny, magic, max_bits, overflow
 
 @intrinsic
 def _round_bf16_bits(typingctx, x):
-    """bf16 in float32 (NUMERICS.md): (u + 0x7FFF + lsb) & 0xFFFF0000 on the signed pattern; NaN -> quiet NaN.
+    """bf16 in float32 (docs/numerics.md): (u + 0x7FFF + lsb) & 0xFFFF0000 on the signed pattern; NaN -> quiet NaN.
 
     bf16 has float32's exponent range, so float32 subnormals round on the same pattern arithmetic and a carry out
     of the largest finite numbers lands exactly on inf: no other special case."""

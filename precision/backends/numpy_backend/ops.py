@@ -1,6 +1,6 @@
 """Arithmetic in one format with numpy: typed scalars, matmul and sums through the accumulator, transcendentals.
 
-Elementwise ops on float16 / ml_dtypes arrays are rounded per op by numpy itself (NUMERICS.md); this module only
+Elementwise ops on float16 / ml_dtypes arrays are rounded per op by numpy itself (docs/numerics.md); this module only
 keeps numpy from widening them (Python floats promote bfloat16 to float32) and routes what numpy would round
 differently per dtype or CPU (reductions, exp/tanh) through one explicit path.
 """
