@@ -22,6 +22,10 @@ class Availability:
 
 
 class Backend(Protocol):
+    """A training backend. Its loop follows :mod:`precision.backends.step_rules` (the per-step conversion chain,
+    the divergence rule, the host scalars and initial values), and it passes tests/test_conformance.py before its
+    name is added to ``BACKENDS`` (docs/conformance.md)."""
+
     name: str
 
     def availability(self, device: str) -> Availability:
@@ -31,7 +35,8 @@ class Backend(Protocol):
         """Devices present on this machine."""
 
     def train(self, spec: RunSpec, dataset: Dataset) -> Trajectory:
-        """Train ``spec`` on ``dataset``; never raises for a diverging run (record ``diverged_at``)."""
+        """Train ``spec`` on ``dataset``; never raises for a diverging run (record ``diverged_at``), whether the
+        cause is the data (inf or NaN), the formats (overflow, an underflowed eps) or the learning rate."""
 
 
 def record_schedule(steps: int, record_every: int) -> list[int]:
@@ -46,7 +51,8 @@ def drive_chunks(spec: RunSpec, run_chunk: Callable[[int, int], int | None],
     """Run steps in chunks between record steps, timing each chunk; the first chunk is the warm-up.
 
     ``run_chunk(start, stop)`` runs steps start+1 .. stop (1-based) to completion (a JAX backend blocks inside) and
-    returns the first step whose params were not finite, or None. ``snapshot()`` returns the current params as
+    returns the first step whose new weights or params were not all finite (the divergence rule of
+    :mod:`.step_rules`; that step completed), or None. ``snapshot()`` returns the current params as
     float64. Snapshots and the finiteness bookkeeping stay outside the timed region.
     """
     marks = record_schedule(spec.steps, spec.record_every)

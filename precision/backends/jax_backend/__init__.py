@@ -14,10 +14,10 @@ import numpy as np
 from ...data import Dataset
 from ...errors import UnavailableError
 from ...formats import get_format, to_format
-from ...optim import scalar_table
 from ...policy import Policy
 from ...spec import DEVICES, RunSpec
 from ...trajectory import Trajectory
+from ..step_rules import host_scalars
 from ..base import Availability, drive_chunks, record_schedule
 from ..numpy_backend import targets_for
 from ..numpy_backend.ops import convert as host_convert
@@ -81,10 +81,11 @@ def _prepare(spec: RunSpec, dataset: Dataset, device: jax.Device) -> _Prepared:
     pol, opt = spec.policy, spec.optimizer
     X = host_convert(dataset.X_train, _FP64, pol.compute)
     T = host_convert(targets_for(dataset, dataset.y_train), _FP64, pol.compute)
-    # Host scalars, rounded once from float64 and passed typed (0-d arrays), as in the reference.
-    scale = to_format(np.float64((pol.loss_scale or 1.0) / dataset.batch_size), pol.compute)
-    unscale = to_format(np.float64(1.0 / pol.loss_scale if pol.loss_scale else 1.0), pol.update)
-    table = scalar_table(opt, spec.steps, pol.update).astype(pol.update.dtype)
+    # Host scalars by the shared rules (step_rules.host_scalars: float64, rounded once), passed typed (0-d arrays).
+    scalars = host_scalars(pol, opt, spec.steps, dataset.batch_size)
+    scale = to_format(scalars.seed_scale, pol.compute)  # exact: already rounded to C
+    unscale = to_format(1.0 if scalars.unscale is None else scalars.unscale, pol.update)  # unused without ls
+    table = scalars.table.astype(pol.update.dtype)  # exact: rounded to U by scalar_table
 
     marks = record_schedule(spec.steps, spec.record_every)
     chunk_steps = int(max(np.diff(marks)))  # every chunk has this length; shorter ones are padded

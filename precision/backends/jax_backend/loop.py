@@ -1,15 +1,15 @@
 """The training step and the compiled chunk loop: ``lax.scan`` over a fixed number of steps, buffers donated.
 
-Formats flow exactly as in the numpy reference's train loop (precision/backends/numpy_backend/__init__.py):
-params -> compute for the forward/backward pass, gradient compute -> update format, optional loss-scale removal,
-the update in the update format with state read from and stored to its own format, new weights stored in the
-weights format (master or params), params = weights rounded to the params format.
+Each step is the shared chain of :mod:`precision.backends.step_rules` (``apply_step``, the function the numpy
+reference's loop calls too): params -> compute for the forward/backward pass, gradient compute -> update format,
+optional loss-scale removal, the update in the update format with state read from and stored to its own format,
+new weights stored in the weights format (master or params), params = weights rounded to the params format.
 
 One compiled program serves a whole run: every chunk has the same length ``chunk_steps``; a shorter last chunk
 (``steps`` not a multiple of ``record_every``) is padded with masked steps (``valid`` false) that leave the
-carry unchanged. Divergence is carried too: the first step whose new weights or params are not finite is
-recorded and every later step is masked, so the state after that step is what the host reads, as in the
-reference.
+carry unchanged. Divergence is carried too (the rule of step_rules: the first step whose new weights or params
+are not all finite) and every later step is masked, so the state after that step is what the host reads, as in
+the reference.
 """
 
 from __future__ import annotations
@@ -23,10 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ...formats import get_format
-from ...optim import OptimizerSpec, state_size
+from ...optim import OptimizerSpec
 from ...policy import Policy
-from ..numpy_backend.ops import convert as host_convert
+from ..step_rules import apply_step, initial_values, state_store
 from .models import gradient
 from .ops import JaxOps, convert
 from .update import update
@@ -68,34 +67,26 @@ class LoopSpec:
 
 
 def make_step(spec: LoopSpec, opt: OptimizerSpec, X, T, scale, unscale) -> Callable:
-    """The scan body: (carry, StepInputs row) -> (carry, None). Pure; X, T, scale, unscale are traced args."""
+    """The scan body: (carry, StepInputs row) -> (carry, None). Pure; X, T, scale, unscale are traced args.
+
+    The step itself is :func:`precision.backends.step_rules.apply_step`, the reference's own chain of conversions
+    and divergence rule; what is JAX's here is the batch gather and the masking of padding and post-divergence
+    steps."""
     pol = spec.policy
     compute = JaxOps(pol.compute, pol.accum)
-    upd_fmt, state_fmt, weights_fmt = pol.update, pol.state, pol.weights
-    if state_fmt == upd_fmt:
-        store_state = lambda x: x  # noqa: E731
-    else:  # round to storage and back: the update goes on with the stored value, as in the reference
-        store_state = lambda x: convert(convert(x, upd_fmt, state_fmt), state_fmt, upd_fmt)  # noqa: E731
+    store_state = state_store(convert, pol)
 
     def step_fn(carry: Carry, xs: StepInputs):
         if spec.batch:
             Xb, Tb = jnp.take(X, xs.rows, axis=0), jnp.take(T, xs.rows, axis=0)
         else:
             Xb, Tb = X, T
-        g = gradient(spec.problem, compute, convert(carry.params, pol.params, pol.compute), Xb, Tb, scale,
-                     spec.layout)
-        g = convert(g, pol.compute, upd_fmt)
-        if spec.has_unscale:
-            g = g * unscale
-        w_u, st_u = update(opt, xs.step, xs.scalars, convert(carry.weights, weights_fmt, upd_fmt), g,
-                           [convert(x, state_fmt, upd_fmt) for x in carry.state], store_state)
-        w = convert(w_u, upd_fmt, weights_fmt)
-        st = tuple(convert(x, upd_fmt, state_fmt) for x in st_u)
-        p = convert(w, weights_fmt, pol.params)
+        w, st, p, finite = apply_step(
+            jnp, convert, pol, lambda pc: gradient(spec.problem, compute, pc, Xb, Tb, scale, spec.layout),
+            lambda w_u, g, st_u: update(opt, xs.step, xs.scalars, w_u, g, st_u, store_state),
+            carry.weights, carry.params, carry.state, unscale if spec.has_unscale else None)
         active = xs.valid & (carry.diverged_at == 0)
-        # As the reference: diverged when the weights or the (narrower) params are not finite.
-        finite = jnp.all(jnp.isfinite(w)) & jnp.all(jnp.isfinite(p))
-        new = Carry(w, p, st, jnp.where(active & ~finite, xs.step, carry.diverged_at))
+        new = Carry(w, p, tuple(st), jnp.where(active & ~finite, xs.step, carry.diverged_at))
         return jax.tree.map(lambda n, o: jnp.where(active, n, o), new, carry), None
 
     return step_fn
@@ -108,7 +99,6 @@ class ChunkProgram:
     compile_s: float
 
 
-_FP64 = get_format("fp64")
 _CACHE: collections.OrderedDict[tuple, ChunkProgram] = collections.OrderedDict()
 _CACHE_SIZE = 64
 
@@ -154,12 +144,10 @@ def compiled_programs() -> int:
 
 
 def initial_carry(init_params: np.ndarray, pol: Policy, opt: OptimizerSpec, device) -> Carry:
-    """Weights rounded once from float64 on the host, params = round(weights), zero state: the reference's own
-    host conversions, so both backends start from the same bits."""
-    weights = host_convert(init_params, _FP64, pol.weights)
-    params = host_convert(weights, pol.weights, pol.params)
-    state = tuple(np.zeros(init_params.shape, pol.state.dtype) for _ in range(state_size(opt)))
-    return jax.device_put(Carry(weights, params, state, np.int32(0)), device)
+    """The reference's initial values (:func:`precision.backends.step_rules.initial_values`: weights rounded once
+    from float64 on the host, params = convert(weights), zero state), so both backends start from the same bits."""
+    weights, params, state = initial_values(init_params, pol, opt)
+    return jax.device_put(Carry(weights, params, tuple(state), np.int32(0)), device)
 
 
 def chunk_inputs(table: np.ndarray, batches: np.ndarray | None, start: int, stop: int, chunk_steps: int,

@@ -18,11 +18,11 @@ import numpy as np
 
 from ...data import Dataset
 from ...formats import Format, round_to
-from ...optim import scalar_table
 from ...policy import Policy
 from ...spec import RunSpec
 from ...trajectory import Trajectory
 from ..base import Availability, drive_chunks
+from ..step_rules import host_scalars
 from ..numpy_backend import targets_for
 from ._cache import drop_stale_caches
 from .loops import run_linear, run_mlp, run_softmax
@@ -86,10 +86,12 @@ class NumbaBackend:
         n, features = X.shape
         batch = dataset.batch_size
         batches = dataset.batches if dataset.batches is not None else np.zeros((0, 0), dtype=np.int64)
-        # Scalars rounded once on the host, exactly as the numpy backend makes them.
-        scale = float(round_to((pol.loss_scale or 1.0) / batch, pol.compute))
-        unscale = float(round_to(1.0 / pol.loss_scale if pol.loss_scale else 1.0, pol.update))
-        table = np.ascontiguousarray(scalar_table(spec.optimizer, spec.steps, pol.update))
+        # Host scalars by the shared rules (step_rules.host_scalars), exactly as the numpy backend makes them; the
+        # loops multiply by ``unscale`` unconditionally, so no loss scale means exactly 1.0.
+        scalars = host_scalars(pol, spec.optimizer, spec.steps, batch)
+        scale = scalars.seed_scale
+        unscale = 1.0 if scalars.unscale is None else scalars.unscale
+        table = np.ascontiguousarray(scalars.table)
 
         # Weights are the init rounded once to W; params are those weights converted to P (two roundings when W is
         # narrower than fp64, as in numpy's convert(convert(init, fp64, W), W, P)).

@@ -2,13 +2,19 @@
 
 Every quantity is held in float64 (exact for every format, see :mod:`.ops`) and the formats and the accumulator
 are runtime arguments (:class:`.rounding.FormatCode`, ``accum64``), so each loop compiles once and serves every
-policy. The quantities and the conversions between them follow the numpy backend's ``__init__.py``:
+policy. The quantities and the conversions between them are the shared per-step rules of
+:mod:`precision.backends.step_rules` (``STEP_CHAIN``, ``apply_step``: the function the numpy and JAX loops call),
+here one element at a time:
 
 - ``w`` the weights (master, or params when there is none), ``s0`` / ``s1`` the optimizer state and ``p`` the params,
   each holding values of its own format;
 - per step: ``pc = rnd(p, C)``, the gradient ``g`` in C, then per element ``rnd(g, U)`` times the loss-scale
   inverse (rounded), the optimizer in U, ``w = rnd(w, W)``, state ``rnd(., S)``, ``p = rnd(w, P)``;
-- the first step whose weights are not all finite is returned (0: none), after finishing that step, as numpy does.
+- the divergence rule (``step_rules.all_finite``): the first step whose new weights *or* new params are not all
+  finite is returned (0: none), after finishing that step. The params check matters: fp16 params overflow (above
+  65504) while fp32 master weights are still finite.
+
+tests/test_conformance.py checks this loop against ``step_rules.reference_step`` and the shared cases.
 
 ``codes`` = (compute, update, weights, state, params); ``flags`` = :func:`.update.optimizer_flags`.
 """
@@ -33,7 +39,8 @@ def _to_compute(p, pc, cc):
 
 @numba.njit(inline="always", **JIT)
 def apply_update(step, row, g, w, s0, s1, p, codes, flags, unscale):
-    """One optimizer step over all elements, in place; returns whether every new weight is finite.
+    """One optimizer step over all elements, in place (links 3-10 of ``step_rules.STEP_CHAIN``); returns the
+    divergence rule's verdict: whether every new weight and every new param is finite.
 
     ``unscale`` is the loss scale's inverse in U, or 1.0 without loss scaling (x * 1 is exact, so multiplying
     unconditionally changes nothing and keeps the loop branch-free). Branches on the optimizer are outside the
@@ -50,9 +57,10 @@ def apply_update(step, row, g, w, s0, s1, p, codes, flags, unscale):
             s0[j] = rnd(mj, cs)
             s1[j] = rnd(vj, cs)
             wj = rnd(wj, cw)
+            pj = rnd(wj, cp)
             w[j] = wj
-            p[j] = rnd(wj, cp)
-            nonfinite += 0 if np.isfinite(wj) else 1
+            p[j] = pj
+            nonfinite += (0 if np.isfinite(wj) else 1) + (0 if np.isfinite(pj) else 1)
     else:
         first = step == 1
         for j in range(w.size):
@@ -61,9 +69,10 @@ def apply_update(step, row, g, w, s0, s1, p, codes, flags, unscale):
                                   cs)
             s0[j] = rnd(buf, cs)  # without momentum buf is the stored value itself (zero): unchanged
             wj = rnd(wj, cw)
+            pj = rnd(wj, cp)
             w[j] = wj
-            p[j] = rnd(wj, cp)
-            nonfinite += 0 if np.isfinite(wj) else 1
+            p[j] = pj
+            nonfinite += (0 if np.isfinite(wj) else 1) + (0 if np.isfinite(pj) else 1)
     return nonfinite == 0
 
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 
 from ...data import Dataset
-from ...formats import get_format
-from ...optim import scalar_table, state_size
+from ...formats import get_format, to_format
 from ...policy import Policy
 from ...spec import RunSpec
 from ...trajectory import Trajectory
 from ..base import Availability, drive_chunks
+from ..step_rules import apply_step, host_scalars, initial_values, state_store
 from .models import gradient
 from .ops import FormatOps, convert
 from .update import update
@@ -38,40 +38,32 @@ class NumpyBackend:
         return ("cpu",)
 
     def train(self, spec: RunSpec, dataset: Dataset) -> Trajectory:
+        """The reference loop: every step is :func:`precision.backends.step_rules.apply_step` (the shared chain of
+        conversions and the divergence rule) around this module's ``gradient`` and ``update``."""
         pol: Policy = spec.policy
         compute = FormatOps(pol.compute, pol.accum)
-        upd = FormatOps(pol.update, pol.accum)
+        scalars = host_scalars(pol, spec.optimizer, spec.steps, dataset.batch_size)
         X = convert(dataset.X_train, _FP64, pol.compute)
         T = convert(targets_for(dataset, dataset.y_train), _FP64, pol.compute)
-        scale = compute.scalar((pol.loss_scale or 1.0) / dataset.batch_size)
-        unscale = upd.scalar(1.0 / pol.loss_scale) if pol.loss_scale else None
-        table = scalar_table(spec.optimizer, spec.steps, pol.update).astype(pol.update.dtype)
-
-        weights = convert(dataset.init_params, _FP64, pol.weights)
-        params = convert(weights, pol.weights, pol.params)
-        state = [np.zeros_like(dataset.init_params, dtype=pol.state.dtype)
-                 for _ in range(state_size(spec.optimizer))]
-        store_state = (lambda x: x) if pol.state == pol.update else (
-            lambda x: convert(convert(x, pol.update, pol.state), pol.state, pol.update))
+        scale = compute.scalar(scalars.seed_scale)  # exact: the value is already rounded to C
+        unscale = None if scalars.unscale is None else to_format(scalars.unscale, pol.update)[()]
+        table = scalars.table.astype(pol.update.dtype)  # exact: rounded to U by scalar_table
+        store_state = state_store(convert, pol)
+        weights, params, state = initial_values(dataset.init_params, pol, spec.optimizer)
         box = {"weights": weights, "params": params, "state": state}
 
         def run_chunk(start: int, stop: int):
             w, p, st = box["weights"], box["params"], box["state"]
             with np.errstate(all="ignore"):  # overflow and NaN are results here, reported as diverged_at
                 for step in range(start + 1, stop + 1):
-                    rows = dataset.batch(step)
-                    g = gradient(spec.problem, compute, convert(p, pol.params, pol.compute), X[rows], T[rows],
-                                 scale, dataset.layout)
-                    g = convert(g, pol.compute, pol.update)
-                    if unscale is not None:
-                        g = g * unscale
-                    w_u, st_u = update(spec.optimizer, step, table[step - 1], convert(w, pol.weights, pol.update),
-                                       g, [convert(x, pol.state, pol.update) for x in st], store_state)
-                    w = convert(w_u, pol.update, pol.weights)
-                    st = [convert(x, pol.update, pol.state) for x in st_u]
-                    p = convert(w, pol.weights, pol.params)
-                    # Narrow params can overflow while the master copy is still finite (fp16 params > 65504).
-                    if not (np.isfinite(w).all() and np.isfinite(p).all()):
+                    rows, row = dataset.batch(step), table[step - 1]
+                    # gradient and update looked up in this module at call time (tests substitute them)
+                    w, st, p, finite = apply_step(
+                        np, convert, pol,
+                        lambda pc: gradient(spec.problem, compute, pc, X[rows], T[rows], scale, dataset.layout),
+                        lambda w_u, g, st_u: update(spec.optimizer, step, row, w_u, g, st_u, store_state),
+                        w, p, st, unscale)
+                    if not finite:
                         box.update(weights=w, params=p, state=st)
                         return step
             box.update(weights=w, params=p, state=st)

@@ -1,0 +1,202 @@
+"""The per-step rules of training: the one statement that every backend's loop follows.
+
+Three things are stated here, each once, as data and as small pure functions:
+
+1. **The conversion chain of one training step** (:data:`STEP_CHAIN`): which quantity moves from which format to
+   which, in which order. :func:`apply_step` is that chain written once against an array namespace ``xp`` and a
+   ``convert(x, src, dst)``; the numpy backend (``numpy_backend/__init__.py``, the reference) and the JAX backend
+   (``jax_backend/loop.py``, under ``lax.scan``) both call it, the way both call
+   :func:`precision.backends.array_math.update`. The numba backend (``numba_backend/loops.py``, ``apply_update``)
+   runs the same chain per element in a float64 carrier; it cannot call Python, so its docstring points here and
+   tests/test_conformance.py checks it against :func:`reference_step`.
+2. **The divergence rule** (:data:`DIVERGENCE_CHECKED`, :func:`all_finite`): a run diverges at the first step whose
+   new weights *or* new params are not all finite. That step is completed (weights, state and params all stored)
+   and its state is what the backend reports; training stops there. Step 0 (the initial point) is not checked.
+3. **The scalar and initial-value rules** (:data:`SCALAR_RULES`, :func:`host_scalars`, :func:`initial_values`):
+   every host scalar is computed in float64 and rounded once to the format it is used in; weights start as the
+   float64 init rounded once to W, params as those weights converted to P, state at zero in S.
+
+tests/test_conformance.py is the executable form of these rules: every backend in ``BACKENDS`` must give the same
+outcomes on its crafted cases (docs/conformance.md).
+
+Formats are named by :class:`precision.policy.Policy` attributes: ``params`` (P), ``compute`` (C), ``accum`` (A),
+``state`` (S), ``weights`` (W = master or params), ``update`` (U = wider(W, S)).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, NamedTuple, Sequence
+
+import numpy as np
+
+from ..errors import SpecError
+from ..formats import get_format, round_to
+from ..optim import OptimizerSpec, scalar_table, state_size
+from ..policy import Policy
+
+__all__ = ["Link", "STEP_CHAIN", "DIVERGENCE_CHECKED", "DIVERGENCE_RULE", "SCALAR_RULES", "StepResult",
+           "apply_step", "all_finite", "state_store", "conversion_sequence", "HostScalars", "host_scalars",
+           "initial_values", "reference_step"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Link:
+    """One link of the step chain: ``quantity`` goes from format ``src`` to ``dst`` (Policy attribute names); an
+    operation computed in one format has ``src == dst``. ``per`` is "array" or "state vector" (repeated for each
+    of the optimizer's state vectors: 0 for plain SGD, 1 for momentum, 2 for Adam)."""
+
+    quantity: str
+    src: str
+    dst: str
+    what: str
+    per: str = "array"
+
+    @property
+    def is_conversion(self) -> bool:
+        return self.src != self.dst
+
+
+# The chain of one step, in order. apply_step below is this table as code; conversion_sequence expands it for a
+# policy (tests/test_conformance.py checks that the numpy and JAX loops make exactly these conversions).
+STEP_CHAIN: tuple[Link, ...] = (
+    Link("params", "params", "compute", "params converted to the compute format for the forward/backward pass"),
+    Link("gradient", "compute", "compute",
+         "forward and backward pass in C: each elementwise op rounded to C, products accumulated in A and rounded "
+         "once to C; the seed is (out - target) * round(ls / batch, C)"),
+    Link("gradient", "compute", "update", "the gradient converted to the update format"),
+    Link("gradient", "update", "update", "times round(1 / ls, U) when the policy has a loss scale (exact: a power "
+                                         "of two), else untouched"),
+    Link("weights", "weights", "update", "weights (master, or params without one) read into U"),
+    Link("state", "state", "update", "each state vector read into U", per="state vector"),
+    Link("update", "update", "update",
+         "the optimizer (op order of precision.optim), every op rounded to U; each new moment is rounded to S and "
+         "read back at once (state_store) and used as stored"),
+    Link("weights", "update", "weights", "new weights stored: round(update result, W)"),
+    Link("state", "update", "state", "new state stored: round(., S)", per="state vector"),
+    Link("params", "weights", "params", "new params: round(new weights, P)"),
+)
+
+DIVERGENCE_CHECKED = ("weights", "params")
+DIVERGENCE_RULE = ("diverged_at is the first step (1-based) after which the new weights or the new params are not "
+                   "all finite; that step is completed (weights, state, params stored) and its values are what is "
+                   "reported; no later step runs. Narrow params can overflow while fp32 master weights are finite "
+                   "(fp16 params above 65504), so checking the weights alone is not enough.")
+
+SCALAR_RULES = {
+    "seed_scale": "round((ls or 1) / batch_size, C): the gradient seed's factor, folded into (out - target) * it",
+    "unscale": "round(1 / ls, U) when the policy has a loss scale (multiplied into the gradient in U), else none "
+               "(a backend that multiplies unconditionally uses exactly 1.0)",
+    "optimizer": "precision.optim.scalar_table(opt, steps, U): float64 on the host, rounded once to U",
+    "data": "X and targets rounded once from float64 to C, up front",
+    "initial": "weights = round(init, W) from float64; params = convert(weights, W -> P); state = zeros in S",
+}
+
+
+class StepResult(NamedTuple):
+    weights: object  # W
+    state: list  # S, one array per state vector
+    params: object  # P
+    finite: object  # xp boolean scalar: the divergence rule's verdict on this step (True: not diverged)
+
+
+def all_finite(xp, weights, params):
+    """The divergence rule: True when the new weights and the new params are all finite (``xp`` boolean scalar, so
+    it also traces under ``jit``)."""
+    return xp.all(xp.isfinite(weights)) & xp.all(xp.isfinite(params))
+
+
+def state_store(convert: Callable, pol: Policy) -> Callable:
+    """``store_state`` for :func:`precision.backends.array_math.update`: a new moment rounded to S and read back
+    into U (identity when S is U), so the update goes on with the value as stored."""
+    if pol.state == pol.update:
+        return lambda x: x
+    return lambda x: convert(convert(x, pol.update, pol.state), pol.state, pol.update)
+
+
+def apply_step(xp, convert: Callable, pol: Policy, gradient: Callable, update: Callable, weights, params,
+               state: Sequence, unscale=None) -> StepResult:
+    """One training step, :data:`STEP_CHAIN` in order, array-generic.
+
+    ``xp``: the array namespace (numpy or jax.numpy); ``convert(x, src, dst)``: the backend's exact format
+    conversion; ``gradient(params_c)``: the flat gradient in C of params already in C (the backend binds data,
+    batch rows and the seed scale); ``update(w, g, state)``: the optimizer in U returning (w, state), with the
+    step's scalars and :func:`state_store` bound; ``unscale``: round(1/ls, U) as a typed scalar, or None.
+    ``weights``, ``params``, ``state``: the stored values (W, P, S). Returns the new stored values and the
+    divergence rule's verdict."""
+    g = convert(gradient(convert(params, pol.params, pol.compute)), pol.compute, pol.update)
+    if unscale is not None:
+        g = g * unscale
+    w_u, state_u = update(convert(weights, pol.weights, pol.update), g,
+                          [convert(x, pol.state, pol.update) for x in state])
+    w = convert(w_u, pol.update, pol.weights)
+    new_state = [convert(x, pol.update, pol.state) for x in state_u]
+    p = convert(w, pol.weights, pol.params)
+    return StepResult(w, new_state, p, all_finite(xp, w, p))
+
+
+def conversion_sequence(pol: Policy, n_state: int) -> list[tuple]:
+    """The (src, dst) Format pairs that :data:`STEP_CHAIN` converts, in order, for ``pol`` and ``n_state`` state
+    vectors, including the round trip of each new moment through S inside the update (:func:`state_store`, for an
+    optimizer whose moments are stored: Adam's m and v, SGD's buffer). Conversions between equal formats are
+    listed too (a backend's ``convert`` returns its input then)."""
+    seq = []
+    for link in STEP_CHAIN:
+        if link.quantity == "update":
+            if pol.state != pol.update:
+                seq += [(pol.update, pol.state), (pol.state, pol.update)] * n_state
+            continue
+        if not link.is_conversion:
+            continue
+        seq += [(getattr(pol, link.src), getattr(pol, link.dst))] * (n_state if link.per == "state vector" else 1)
+    return seq
+
+
+class HostScalars(NamedTuple):
+    """Host scalars of a run, as float64 values already rounded to their formats (exact in them)."""
+    seed_scale: float  # in C
+    unscale: float | None  # in U; None without a loss scale
+    table: np.ndarray  # (steps, len(SCALAR_COLUMNS)) float64, rounded to U
+
+
+def host_scalars(pol: Policy, opt: OptimizerSpec, steps: int, batch_size: int) -> HostScalars:
+    """:data:`SCALAR_RULES` for one run. An empty batch has no mean: SpecError naming the value."""
+    if batch_size <= 0:
+        raise SpecError(f"batch size {batch_size!r} must be positive (an empty batch has no mean gradient)")
+    seed = float(round_to(np.float64((pol.loss_scale or 1.0) / batch_size), pol.compute))
+    unscale = float(round_to(np.float64(1.0 / pol.loss_scale), pol.update)) if pol.loss_scale else None
+    return HostScalars(seed, unscale, scalar_table(opt, steps, pol.update))
+
+
+def initial_values(init_params: np.ndarray, pol: Policy, opt: OptimizerSpec) -> tuple:
+    """(weights in W, params in P, [state in S]) as numpy arrays of the formats' dtypes: the float64 init rounded
+    once to W, params converted from those weights (two roundings when W is narrower than fp64, the same in every
+    backend), zero state. Overflow (an init beyond P's range) is a value here, not a warning: the first step's
+    divergence check reports it."""
+    from .numpy_backend.ops import convert  # here, not at the top: numpy_backend imports this module
+
+    fp64 = get_format("fp64")
+    with np.errstate(over="ignore", invalid="ignore"):
+        weights = convert(np.asarray(init_params, dtype=np.float64), fp64, pol.weights)
+        params = convert(weights, pol.weights, pol.params)
+    state = [np.zeros(np.shape(init_params), dtype=pol.state.dtype) for _ in range(state_size(opt))]
+    return weights, params, state
+
+
+def reference_step(pol: Policy, opt: OptimizerSpec, step: int, scalars_row: np.ndarray, weights, state,
+                   grad_compute, unscale: float | None = None) -> StepResult:
+    """The reference step on numpy arrays, given the gradient already computed in C (``grad_compute``): what a
+    backend's update part (links 3-10 of :data:`STEP_CHAIN`, and the divergence verdict) must produce bit for bit
+    when it makes the reference's operations (numba does; JAX contracts FMAs, docs/jax.md). ``weights`` (W) and
+    ``state`` (S) as stored; ``scalars_row`` and ``unscale`` as float64 values from :func:`host_scalars`."""
+    from .array_math import update as array_update
+    from .numpy_backend.ops import convert
+
+    row = np.asarray(scalars_row, dtype=np.float64).astype(pol.update.dtype)
+    typed_unscale = None if unscale is None else np.asarray(unscale, dtype=np.float64).astype(pol.update.dtype)[()]
+    store = state_store(convert, pol)
+    with np.errstate(all="ignore"):
+        params = convert(weights, pol.weights, pol.params)  # only link 1 reads them; the gradient is given
+        return apply_step(np, convert, pol, lambda params_c: grad_compute,
+                          lambda w, g, st: array_update(np, opt, step, row, w, g, st, store),
+                          weights, params, state, typed_unscale)
