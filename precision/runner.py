@@ -8,20 +8,20 @@ from __future__ import annotations
 import dataclasses
 import traceback
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
-from ._atomic import write_atomic
+from ._atomic import check_folder_target, write_atomic
 from .backends import backend_availability, get_backend
 from .data import Dataset, make_dataset
 from .drift import compare, fingerprint
-from .errors import PrecisionError
+from .errors import PrecisionError, SpecError
 from .report import Report, Result, environment, now_utc
 from .spec import RunSpec
 from .trajectory import Trajectory
 
-__all__ = ["run", "run_one", "train", "dataset_for"]
+__all__ = ["run", "run_one", "train", "dataset_for", "validate"]
 
 
 def dataset_for(spec: RunSpec) -> Dataset:
@@ -69,25 +69,31 @@ def _result(spec: RunSpec, traj: Trajectory, ref: Trajectory, dataset: Dataset) 
 
 
 def run_one(spec: RunSpec, cache: _Cache | None = None, save_params: Path | None = None) -> Result:
-    """Run one spec to a Result; never raises for the run's own failures."""
+    """Run one spec to a Result; never raises for the run's own failures (only KeyboardInterrupt passes)."""
     cache = cache or _Cache()
-    avail = backend_availability(spec.backend, spec.device)
-    if not avail.available:
-        return Result(spec=spec.to_dict(), status="unavailable", message=avail.reason)
     try:
+        avail = backend_availability(spec.backend, spec.device)  # inside: a framework may fail to import oddly
+        if not avail.available:
+            return Result(spec=spec.to_dict(), status="unavailable", message=avail.reason)
         dataset = cache.dataset(spec)
         ref = cache.reference(spec)
         traj = get_backend(spec.backend).train(spec, dataset)
         result = _result(spec, traj, ref, dataset)
-        if save_params is not None:
-            save_trajectory(save_params, spec, traj)
-        return result
-    except PrecisionError as exc:
-        return Result(spec=spec.to_dict(), status="error", message=str(exc))
     except Exception as exc:  # one failing configuration never loses the others' results
-        last = traceback.extract_tb(exc.__traceback__)[-1]
-        return Result(spec=spec.to_dict(), status="error",
-                      message=f"{type(exc).__name__}: {exc} (at {Path(last.filename).name}:{last.lineno})")
+        return Result(spec=spec.to_dict(), status="error", message=_message(exc))
+    if save_params is not None:
+        try:
+            save_trajectory(save_params, spec, traj)
+        except Exception as exc:  # the measurements stand; the status says the params file is missing
+            return dataclasses.replace(result, status="error", message=f"params not saved: {_message(exc)}")
+    return result
+
+
+def _message(exc: Exception) -> str:
+    if isinstance(exc, PrecisionError):
+        return str(exc)
+    last = traceback.extract_tb(exc.__traceback__)[-1]
+    return f"{type(exc).__name__}: {exc} (at {Path(last.filename).name}:{last.lineno})"
 
 
 def save_trajectory(folder: Path, spec: RunSpec, traj: Trajectory) -> Path:
@@ -99,15 +105,46 @@ def save_trajectory(folder: Path, spec: RunSpec, traj: Trajectory) -> Path:
         final_dtype=str(traj.final_params.dtype), id=spec.id))
 
 
-def run(specs: Iterable[RunSpec], progress: Callable[[int, int, RunSpec, Result], None] | None = None,
-        save_params: str | Path | None = None) -> Report:
-    """Run every spec and return a Report. ``progress(i, n, spec, result)`` is called after each run."""
+def validate(specs: Iterable[RunSpec]) -> list[RunSpec]:
+    """The specs as a list, or one SpecError naming the bad ones (the first three, and how many more): not a
+    RunSpec, or an id that repeats (a report holds one result per id). RunSpec checks its own fields when made."""
     specs = list(specs)
+    problems, seen = [], set()
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, RunSpec):
+            problems.append(f"#{i} is a {type(spec).__name__}, not a RunSpec")
+        elif spec.id in seen:
+            problems.append(f"#{i} repeats id {spec.id!r}")
+        else:
+            seen.add(spec.id)
+    if problems:
+        more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise SpecError(f"{len(problems)} bad spec(s), nothing was run: {'; '.join(problems[:3])}{more}")
+    return specs
+
+
+def run(specs: Iterable[RunSpec], progress: Callable[[int, int, RunSpec, Result], None] | None = None,
+        save_params: str | Path | None = None, *, finished: Mapping[str, Result] | None = None,
+        on_result: Callable[[Result], None] | None = None) -> Report:
+    """Run every spec and return a Report with one result per spec, in spec order.
+
+    Every spec, and the ``save_params`` folder, is checked before anything runs; after that, a spec's own failure
+    is an "error" or "unavailable" result, never an exception. ``finished`` maps spec ids to results to reuse
+    instead of running (``precision run --resume``). ``on_result(result)`` is called as each result is known,
+    reused ones included, before ``progress(i, n, spec, result)``: the CLI checkpoints there, so a crash keeps
+    what finished.
+    """
+    specs = validate(specs)
+    if save_params is not None:
+        check_folder_target(save_params, "save_params")  # a file there would turn every result into an error
+    finished = finished or {}
     cache = _Cache()
     results = []
     for i, spec in enumerate(specs, 1):
-        result = run_one(spec, cache, Path(save_params) if save_params else None)
+        result = finished.get(spec.id) or run_one(spec, cache, Path(save_params) if save_params else None)
         results.append(result)
+        if on_result is not None:
+            on_result(result)
         if progress is not None:
             progress(i, len(specs), spec, result)
     return Report(results=tuple(results), environment=environment(), created=now_utc())

@@ -29,14 +29,26 @@ class RunSpec:
     record_every: int = 20
 
     def __post_init__(self):
+        # Structural checks only, all cheap: a spec that passes them can be handed to run() and, at worst, becomes an
+        # "error" or "unavailable" result; it never stops the other specs from running.
+        from .backends import BACKENDS  # here, not at the top: the backends package imports this module
+
+        if not isinstance(self.optimizer, OptimizerSpec):
+            raise SpecError(f"optimizer {self.optimizer!r} is not an OptimizerSpec; use make_optimizer(name)")
+        if not isinstance(self.policy, Policy):
+            raise SpecError(f"policy {self.policy!r} is not a Policy; use get_policy(name)")
         get_problem(self.problem)  # raises, naming the valid problems
+        if self.backend not in BACKENDS:  # a name check only: no framework is imported
+            raise choice_error("backend", self.backend, BACKENDS)
         if self.data not in DATA_SOURCES:
             raise choice_error("data set", self.data, DATA_SOURCES)
         if not isinstance(self.steps, int) or self.steps <= 0:
             raise SpecError(f"steps {self.steps!r} must be a positive integer")
         if not isinstance(self.record_every, int) or self.record_every <= 0:
             raise SpecError(f"record_every {self.record_every!r} must be a positive integer")
-        if self.batch_size is not None and self.batch_size <= 0:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise SpecError(f"seed {self.seed!r} must be an integer")
+        if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size <= 0):
             raise SpecError(f"batch size {self.batch_size!r} must be positive (or 'full')")
         if self.device not in DEVICES:
             raise choice_error("device", self.device, DEVICES)
