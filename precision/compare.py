@@ -13,10 +13,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from typing import Sequence
 
+from ._terminal import safe_text
+from .envdiff import environment_differences
 from .errors import PrecisionError
-from .report import Report, Result
+from .report import Report, Result, finite_or_none
 
 __all__ = ["Thresholds", "TimeChange", "Row", "Comparison", "compare_reports", "mann_whitney_p",
            "format_comparison", "FORMATS", "SIGNIFICANCE_LEVEL"]
@@ -166,9 +169,20 @@ class Comparison:
                 "added": sum(1 for r in rows if r.presence == "added"),
                 "removed": sum(1 for r in rows if r.presence == "removed")}
 
+    @property
+    def environment_note(self) -> str | None:
+        """Said when fingerprints changed and the environments differ: the change may not come from the code."""
+        changed = self.counts()["numerics_changed"]
+        if not (changed and self.environment_changes):
+            return None
+        return (f"{changed} fingerprint change(s) may come from the environment differences above, not from the "
+                "code: these settings alone can change the bits (docs/numerics.md); compare runs made on one "
+                "machine with the same settings to tell")
+
     def to_dict(self) -> dict:
         return {"thresholds": dataclasses.asdict(self.thresholds) | {"significance_level": SIGNIFICANCE_LEVEL},
-                "environment_changes": list(self.environment_changes), "counts": self.counts(),
+                "environment_changes": list(self.environment_changes), "environment_note": self.environment_note,
+                "counts": self.counts(),
                 "results": [r.to_dict() for r in self.rows]}
 
 
@@ -226,16 +240,9 @@ def _label(spec: dict) -> str:
 
 
 def _environment_changes(old: dict, new: dict) -> tuple[str, ...]:
-    """Differences that make times (machine) or fingerprints (versions) not comparable as like for like."""
-    changes = []
-    for key in ("python", "platform", "cpu", "cpu_count"):
-        if old.get(key) != new.get(key):
-            changes.append(f"{key}: {old.get(key)} -> {new.get(key)}")
-    old_v, new_v = old.get("versions", {}) or {}, new.get("versions", {}) or {}
-    for name in sorted(set(old_v) | set(new_v)):
-        if name != "precision" and old_v.get(name) != new_v.get(name):
-            changes.append(f"{name}: {old_v.get(name)} -> {new_v.get(name)}")
-    return tuple(changes)
+    """Differences that make times (machine) or fingerprints (versions, CPU features, XLA_FLAGS, threads, BLAS)
+    not comparable as like for like (precision.envdiff)."""
+    return tuple(f"{c.key}: {c.old} -> {c.new}" for c in environment_differences(old, new))
 
 
 def compare_reports(old: Report, new: Report, thresholds: Thresholds = Thresholds()) -> Comparison:
@@ -285,21 +292,47 @@ def _criteria(th: Thresholds) -> str:
     return text + (", or any fingerprint change" if th.fingerprint else "")
 
 
+def _finite(value):
+    """``value`` with every float that is not finite replaced by None. JSON has no inf, and a ratio or a delta of
+    two finite numbers can still overflow (times of 1e-320 and 1e300 s, in a hand-made report)."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return finite_or_none(value)
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|")  # a bare pipe would end the cell (GitHub tables: also inside code spans)
+
+
+def _md_code(text: str) -> str:
+    """``text`` as a markdown code span: fenced by more backticks than any run of them inside it."""
+    fence = "`" * (max(map(len, re.findall("`+", text)), default=0) + 1)
+    pad = " " if text[:1] == "`" or text[-1:] == "`" else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
 def format_comparison(cmp: Comparison, fmt: str = "table", changed_only: bool = False) -> str:
+    """The comparison as a text table, markdown or JSON. Text from the reports (labels, statuses, environment
+    values) is escaped in the table and markdown (precision/_terminal.py: no control character of a report
+    reaches the terminal); json.dumps escapes it in JSON."""
     if fmt not in FORMATS:
         raise PrecisionError(f"unknown output format {fmt!r}; valid choices: {', '.join(FORMATS)}")
     if fmt == "json":
-        return json.dumps(cmp.to_dict(), indent=1, sort_keys=True, allow_nan=False)
+        return json.dumps(_finite(cmp.to_dict()), indent=1, sort_keys=True, allow_nan=False)
     rows = [r for r in cmp.rows if not (changed_only and r.verdict == "unchanged")]
-    cells = [_cells(r) for r in rows]
-    env = [f"environments differ: {change}" for change in cmp.environment_changes]
+    cells = [tuple(map(safe_text, _cells(r))) for r in rows]
+    env = [safe_text(f"environments differ: {change}") for change in cmp.environment_changes]
+    if cmp.environment_note:
+        env.append(cmp.environment_note)
     if fmt == "markdown":
         lines = [f"**precision compare**: {_summary(cmp)}", "", f"_{_criteria(cmp.thresholds)}_", ""]
         lines += [f"> {line}" for line in env] + ([""] if env else [])
         lines += ["| " + " | ".join(_HEADERS) + " |", "|" + "---|" * len(_HEADERS)]
         for row, c in zip(rows, cells):
             verdict = f"**{c[-1]}**" if row.regressions else c[-1]
-            lines.append("| " + " | ".join([f"`{c[0]}`", *c[1:-1], verdict]) + " |")
+            lines.append("| " + " | ".join(map(_md_cell, [_md_code(c[0]), *c[1:-1], verdict])) + " |")
         return "\n".join(lines)
     widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(_HEADERS)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(_HEADERS, widths)).rstrip(),

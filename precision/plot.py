@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from ._atomic import write_atomic
+from ._terminal import safe_text
 from .errors import PrecisionError
 from .policy import get_policy
 from .report import Report, Result
@@ -64,8 +65,15 @@ def _layout(n: int, Figure, FigureCanvasAgg):
     return fig, axes[:n]
 
 
+def _text(value: str) -> str:
+    """Report text as plain figure text: control characters escaped as in the terminal, and every ``$`` escaped,
+    since matplotlib reads text between two of them as mathtext and raises at draw time on what it cannot parse
+    (a policy named "$\\frac$" would otherwise crash the plot)."""
+    return safe_text(value).replace("$", r"\$")
+
+
 def _label(r: Result) -> str:
-    return f"{r.spec['policy_name']} / {r.spec['backend']}-{r.spec['device']}"
+    return _text(f"{r.spec['policy_name']} / {r.spec['backend']}-{r.spec['device']}")
 
 
 def _style(r: Result) -> tuple[str, str]:
@@ -128,7 +136,7 @@ def _drift_figure(results, colors, Figure, FigureCanvasAgg):
                 ax.annotate(f"diverged at {r.diverged_at}", (steps[-1], bits[-1]), xytext=(4, 4),
                             textcoords="offset points", fontsize=7)
         _precision_lines(ax, rows, colors)
-        ax.set_title(f"{case}  {optimizer}", fontsize=10)
+        ax.set_title(_text(f"{case}  {optimizer}"), fontsize=10)
         ax.set_xlabel("training step")
         ax.set_ylabel("bits of agreement with fp64")
         ax.set_ylim(0, 54)
@@ -153,7 +161,7 @@ def _tradeoff_figure(results, colors, Figure, FigureCanvasAgg):
         ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
         ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_title(f"{case}  {optimizer}", fontsize=10)
+        ax.set_title(_text(f"{case}  {optimizer}"), fontsize=10)
         ax.set_xlabel("time per step (µs, log scale)")
         ax.set_ylabel("final bits of agreement with fp64")
         ax.set_ylim(-1, 54)

@@ -12,7 +12,8 @@ import subprocess
 from pathlib import Path
 
 from ._atomic import write_atomic
-from .errors import ReportError
+from ._report_reader import read_report_data
+from .machine import numerics_environment
 
 __all__ = ["SCHEMA_VERSION", "Result", "Report", "environment", "write_json_atomic", "load_report",
            "finite_or_none"]
@@ -93,23 +94,13 @@ def write_json_atomic(path: str | os.PathLike, payload: dict) -> Path:
 
 
 def load_report(path: str | os.PathLike) -> Report:
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ReportError(f"report {str(path)!r} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ReportError(f"report {str(path)!r} is not readable JSON: {exc}") from None
-    if not isinstance(data, dict) or "schema_version" not in data:
-        raise ReportError(f"report {str(path)!r} has no schema_version; is it a precision report?")
-    if data["schema_version"] != SCHEMA_VERSION:
-        raise ReportError(f"report {str(path)!r} has schema version {data['schema_version']!r}; this precision "
-                          f"reads version {SCHEMA_VERSION}")
-    try:
-        results = tuple(Result.from_dict(r) for r in data["results"])
-    except (KeyError, TypeError) as exc:
-        raise ReportError(f"report {str(path)!r} has a malformed result: {exc}") from None
-    return Report(results=results, environment=data.get("environment", {}), created=data.get("created", ""))
+    """Read a report written by :meth:`Report.save`. The file must be a regular file of at most 256 MiB of UTF-8
+    JSON, without NaN or Infinity, of this schema version, valid against precision/schemas/report-v1.schema.json
+    (docs/reports.md); anything else raises a one-line ReportError naming the file and the problem."""
+    data = read_report_data(path, SCHEMA_VERSION)
+    # The schema checked every key read here, so building the records cannot fail.
+    results = tuple(Result.from_dict(r) for r in data["results"])
+    return Report(results=results, environment=data["environment"], created=data["created"])
 
 
 def _version(module: str) -> str | None:
@@ -148,6 +139,8 @@ def environment() -> dict:
         "versions": {name: _version(name) for name in
                      ("precision", "numpy", "ml_dtypes", "numba", "numba-cuda", "jax", "jaxlib", "optax")},
         "git_commit": _git_commit(),
+        # What besides the code can change the bits (CPU features, XLA_FLAGS, threads, BLAS): compare lists it.
+        "numerics": numerics_environment(),
     }
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from ._terminal import clip, safe_text
 from .report import Report, Result
 
 __all__ = ["format_table", "POLICY_ORDER"]
 
+MESSAGE_CHARS = 60  # of a status message in the table (the report keeps it whole): one row stays one line
 POLICY_ORDER = ("fp64", "fp32", "bf16-mixed", "fp16-mixed", "fp16-mixed-ls", "bf16", "fp16", "fp8-mixed")
 
 
@@ -20,18 +22,28 @@ def _sort_key(r: Result):
     return (s["problem"], s["data"], s["optimizer"]["name"], rank, policy, s["backend"], s["device"])
 
 
+def _status(r: Result) -> str:
+    if not r.message:
+        return r.status
+    # Escaped before it is cut (an escape lengthens the text); the ellipsis says the message goes on.
+    return f"{r.status}: {clip(safe_text(r.message), MESSAGE_CHARS)}"
+
+
 def format_table(report: Report) -> str:
+    """The report as a text table. Report text is escaped (precision/_terminal.py): a report can come from
+    anyone, and no control character of it reaches the terminal."""
     headers = ("problem", "optimizer", "policy", "backend", "us/step", "bits", "rel_l2", "max_ulp",
                "loss", "loss_gap", "flips", "diverged", "status")
     rows = []
     for r in sorted(report.results, key=_sort_key):
         s = r.spec
         us = None if r.time_per_step_s is None else r.time_per_step_s * 1e6
-        rows.append((f"{s['problem']}:{s['data']}", s["optimizer"]["name"], s["policy_name"],
-                     f"{s['backend']}-{s['device']}", _num(us, ".1f"), _num(r.bits_of_agreement, ".1f"),
+        rows.append((safe_text(f"{s['problem']}:{s['data']}"), safe_text(s["optimizer"]["name"]),
+                     safe_text(s["policy_name"]), safe_text(f"{s['backend']}-{s['device']}"), _num(us, ".1f"),
+                     _num(r.bits_of_agreement, ".1f"),
                      _num(r.rel_l2, ".2e", "inf" if r.status == "diverged" else "-"), _num(r.max_ulp, ".3g"),
                      _num(r.final_loss, ".4g"), _num(r.loss_gap, ".2e"), _num(r.flip_rate, ".3f"),
-                     _num(r.diverged_at, "d"), r.status if not r.message else f"{r.status}: {r.message[:60]}"))
+                     _num(r.diverged_at, "d"), _status(r)))
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(headers)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)), "  ".join("-" * w for w in widths)]
     previous = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -174,9 +175,23 @@ def test_markdown_and_json_outputs(base, pure_bf16):
 def test_environment_differences_are_shown(base):
     env = dict(base.environment, versions=dict(base.environment["versions"], numpy="0.0-other"))
     comparison = compare_reports(base, dataclasses.replace(base, environment=env))
-    assert any(change.startswith("numpy: ") and change.endswith("-> 0.0-other")
+    assert any(change.startswith("versions.numpy: ") and change.endswith("-> 0.0-other")
                for change in comparison.environment_changes)
-    assert "environments differ: numpy" in format_comparison(comparison)
+    assert "environments differ: versions.numpy" in format_comparison(comparison)
+    assert comparison.environment_note is None  # no fingerprint changed: nothing to attribute
+
+
+def test_fingerprint_changes_next_to_environment_changes_are_flagged(base):
+    # XLA_FLAGS differ and one result's bits moved: the output must say the change may be the environment's.
+    env = copy.deepcopy(base.environment)
+    env.setdefault("numerics", {}).setdefault("env", {})["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false"
+    moved = dataclasses.replace(base.results[0], fingerprint="0" * 64)
+    new = dataclasses.replace(base, environment=env, results=(moved, *base.results[1:]))
+    comparison = compare_reports(base, new)
+    assert any("XLA_FLAGS" in change for change in comparison.environment_changes)
+    assert comparison.environment_note.startswith("1 fingerprint change(s) may come from the environment")
+    assert comparison.environment_note in format_comparison(comparison)
+    assert json.loads(format_comparison(comparison, "json"))["environment_note"] == comparison.environment_note
 
 
 @pytest.mark.parametrize("content, message", [

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ..report import load_report
+from .._terminal import safe_text
+from ..report import Report, load_report
 from ..table import format_table
 
 
@@ -12,10 +13,16 @@ def add_parser(sub):
     p.set_defaults(handler=main)
 
 
+def summary(report: Report) -> str:
+    """The line under the table: count, date, CPU and versions. Report text, so escaped (precision/_terminal.py)."""
+    env = report.environment
+    versions = ", ".join(f"{k} {v}" for k, v in sorted((env.get("versions") or {}).items()) if v)
+    return safe_text(f"{len(report.results)} results; created {report.created}; {env.get('cpu', '?')}; {versions}")
+
+
 def main(args) -> int:
     report = load_report(args.report)
     print(format_table(report))
-    env = report.environment
-    versions = ", ".join(f"{k} {v}" for k, v in sorted(env.get("versions", {}).items()) if v)
-    print(f"\n{len(report.results)} results; created {report.created}; {env.get('cpu', '?')}; {versions}")
+    print()
+    print(summary(report))
     return 0
