@@ -57,8 +57,14 @@ def bf16_hardware(n: int, repeats: int) -> None:
     from numba import types
     from numba.extending import intrinsic
 
-    from precision.backends.numba_backend.rounding import static_code
+    from precision.backends.numba_backend.rounding import static_code, target_has
     from precision.backends.numba_backend.storage import decode16
+
+    if not target_has("avx512bf16"):
+        # Without the instruction LLVM lowers fptrunc-to-bfloat to a runtime call (__truncsfbf2) that numba's JIT
+        # does not link: calling such a kernel crashes the process. Nothing to measure on this CPU.
+        print("bf16 vcvtneps2bf16: not measured: this CPU (or NUMBA_CPU_FEATURES) has no AVX512_BF16")
+        return
     from precision.backends.numba_backend.update import COL, row_scalars
     from precision.formats import FORMATS
     from precision.kernels import KERNEL_STEP, update_case

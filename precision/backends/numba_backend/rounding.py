@@ -51,7 +51,7 @@ from ...formats import Format, get_format
 
 __all__ = ["FormatCode", "format_code", "static_code", "static_format_name", "rnd", "store", "like", "round32", "round64",
            "round_array32", "round_array64", "JIT", "TRANSCENDENTALS", "TRANSCENDENTAL_FLOAT32",
-           "TRANSCENDENTAL_ROUNDED", "HAS_F16C"]
+           "TRANSCENDENTAL_ROUNDED", "HAS_F16C", "target_has"]
 
 # One set of options for every kernel of this backend: cached on disk; numpy's division semantics (x / 0 gives inf
 # or NaN, as in the numpy backend, instead of raising ZeroDivisionError); no fastmath (it would reassociate sums and
@@ -60,7 +60,7 @@ JIT = dict(cache=True, error_model="numpy", fastmath=False)
 
 
 
-def _target_has(feature: str) -> bool:
+def target_has(feature: str) -> bool:
     """Whether numba's code generator targets ``feature``: the host CPU's, unless NUMBA_CPU_FEATURES overrides
     them (numba then compiles for exactly that feature string; the tests use it to emulate a CPU without F16C)."""
     override = numba.config.CPU_FEATURES
@@ -71,7 +71,7 @@ def _target_has(feature: str) -> bool:
 
 # float16 <-> float32 conversions in hardware. Without F16C, LLVM would lower them to C runtime calls that numba's
 # JIT linker may not find, so they are used only where the target has the instructions.
-HAS_F16C = _target_has("f16c")
+HAS_F16C = target_has("f16c")
 
 _F32_MANTISSA, _F64_MANTISSA = 23, 52
 _F32_QNAN, _F64_QNAN = 0x7FC00000, 0x7FF8000000000000
