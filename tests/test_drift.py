@@ -1,4 +1,4 @@
-"""Drift metrics on hand-made cases (definitions: DESIGN.md "Metrics")."""
+"""Drift metrics on hand-made cases (definitions: docs/design.md "Metrics")."""
 
 from __future__ import annotations
 
