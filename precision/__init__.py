@@ -12,6 +12,7 @@ Python API (mirrors ``precision run``)::
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
@@ -42,6 +43,10 @@ __all__ = [*_MODULE_OF, "__version__"]
 def __getattr__(name: str):
     module = _MODULE_OF.get(name)
     if module is None:
+        # A submodule (``precision.runner``) is an attribute once imported; make it one on first access too, as
+        # it was when this package imported everything eagerly.
+        if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+            return importlib.import_module(f".{name}", __name__)
         raise AttributeError(f"module 'precision' has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value  # later lookups skip this function

@@ -10,9 +10,10 @@ import dataclasses
 import numpy as np
 
 from .errors import SpecError, choice_error
-from .problems import Problem, get_problem
+from .problems import PROBLEMS, Problem, get_problem
 
-__all__ = ["Dataset", "DATA_SOURCES", "make_dataset", "SYNTHETIC_SHAPE"]
+__all__ = ["Dataset", "DATA_SOURCES", "DATA_SETS", "DataSet", "make_dataset", "SYNTHETIC_SHAPE", "MAX_SEED",
+           "check_seed", "fit_error", "split_sizes", "classes_for"]
 
 SYNTHETIC_SHAPE = (1280, 32)  # samples, features: a 1024-sample train split after the 80/20 split
 SYNTHETIC_CLASSES = 4
@@ -26,6 +27,53 @@ DATA_SOURCES = {
     "diabetes": "scikit-learn, 442 x 10, regression (linreg)",
 }
 _SKLEARN_TASK = {"breast_cancer": "classification", "digits": "classification", "diabetes": "regression"}
+
+# numpy.random.default_rng takes any non-negative integer; a report stores the seed as a JSON integer that its schema
+# caps at a signed 64-bit value (precision/schemas/report-v1.schema.json). Seeds in 0..MAX_SEED satisfy both.
+MAX_SEED = 2**63 - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSet:
+    """What is known about a data source without loading it: enough to check a grid before any run starts."""
+    name: str
+    samples: int
+    features: int
+    classes: int | None  # 0: regression targets; None: made to fit the problem (synthetic)
+    needs: str | None = None  # the optional package that loads it (its pip extra is 'data')
+
+
+# Checked against the loaded data by tests/test_grid_validation.py, so the table cannot drift from the real sets.
+DATA_SETS = {
+    "synthetic": DataSet("synthetic", *SYNTHETIC_SHAPE, None),
+    "breast_cancer": DataSet("breast_cancer", 569, 30, 2, "sklearn"),
+    "digits": DataSet("digits", 1797, 64, 10, "sklearn"),
+    "diabetes": DataSet("diabetes", 442, 10, 0, "sklearn"),
+}
+
+
+def split_sizes(samples: int) -> tuple[int, int]:
+    """(train rows, test rows) of a data set of ``samples`` rows."""
+    n_test = int(round(samples * TEST_FRACTION))
+    return samples - n_test, n_test
+
+
+def classes_for(problem: Problem, data: str) -> int:
+    """Classes of ``data`` when made for ``problem`` (0: regression), from the table: nothing is loaded."""
+    known = DATA_SETS[data].classes
+    if known is not None:
+        return known
+    return 0 if problem.task == "regression" else (2 if problem.task == "binary" else SYNTHETIC_CLASSES)
+
+
+def check_seed(seed) -> int:
+    """``seed`` if numpy.random.default_rng and a report both take it, else a SpecError naming it and the range."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise SpecError(f"seed {seed!r} must be an integer in 0..{MAX_SEED}")
+    if not 0 <= seed <= MAX_SEED:
+        raise SpecError(f"seed {seed} is out of range; valid seeds: 0..{MAX_SEED} (numpy.random.default_rng takes "
+                        f"non-negative integers; a report stores a signed 64-bit integer)")
+    return int(seed)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -41,6 +89,10 @@ class Dataset:
     layout: tuple
     init_params: np.ndarray  # flat float64
     batches: np.ndarray | None  # (steps, batch_size) int64 row indices into the train split; None = full batch
+    # What make_dataset was asked for, with problem, data and seed: a spec trains only on a dataset made for its own
+    # (problem, data, seed, steps, batch_size); see made_for() and precision.runner.check_dataset.
+    steps: int = 0  # length of the schedule asked for (0: none)
+    requested_batch_size: int | None = None  # make_dataset's batch_size (None: full batch); batch_size is the used one
 
     @property
     def n_params(self) -> int:
@@ -49,6 +101,11 @@ class Dataset:
     @property
     def batch_size(self) -> int:
         return self.X_train.shape[0] if self.batches is None else self.batches.shape[1]
+
+    def made_for(self) -> dict:
+        """The make_dataset arguments this dataset was built from, named as RunSpec's fields."""
+        return {"problem": self.problem, "data": self.data, "seed": self.seed, "steps": self.steps,
+                "batch_size": self.requested_batch_size}
 
     def batch(self, step: int) -> np.ndarray | slice:
         """Row indices of the train split used at 1-based ``step``."""
@@ -81,16 +138,25 @@ def _sklearn(name: str):
     return X, labels, int(labels.max()) + 1
 
 
-def _check_fit(problem: Problem, data: str, classes: int):
+def fit_error(problem: Problem, data: str, classes: int) -> str | None:
+    """Why ``problem`` cannot train on ``data`` (with ``classes`` classes, 0 for regression targets), naming the
+    problems that can; None when it can. make_dataset applies it to the loaded labels, the grid check to DATA_SETS."""
+    def fitting():
+        ok = [p for p in PROBLEMS.values() if (p.task == "regression") == (not classes)
+              and (p.task != "binary" or classes == 2)]
+        names = [p.name for p in ok]
+        return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
+
     if problem.task == "regression" and classes:
-        raise SpecError(f"problem {problem.name!r} is a regression; data {data!r} has class labels "
-                        "(use logreg, softmax or mlp)")
+        return (f"problem {problem.name!r} is a regression; data {data!r} has class labels "
+                f"(use {fitting()})")
     if problem.task != "regression" and not classes:
-        raise SpecError(f"problem {problem.name!r} needs class labels; data {data!r} is a regression set "
-                        "(use linreg)")
+        return (f"problem {problem.name!r} needs class labels; data {data!r} is a regression set "
+                f"(use {fitting()})")
     if problem.task == "binary" and classes != 2:
-        raise SpecError(f"problem {problem.name!r} is binary; data {data!r} has {classes} classes "
-                        "(use softmax or mlp)")
+        return (f"problem {problem.name!r} is binary; data {data!r} has {classes} classes "
+                f"(use {fitting()})")
+    return None
 
 
 def _init_params(layout, rng: np.random.Generator) -> np.ndarray:
@@ -106,13 +172,25 @@ def _init_params(layout, rng: np.random.Generator) -> np.ndarray:
 
 def make_dataset(problem: str, data: str = "synthetic", seed: int = 0, steps: int = 0,
                  batch_size: int | None = None) -> Dataset:
-    """Build the dataset of a run. ``batch_size`` None (or >= the train split) means full batch."""
+    """Build the dataset of a run. ``batch_size`` None (or >= the train split) means full batch.
+
+    The arguments are checked before anything is loaded or allocated (SpecError naming the bad value); the dataset
+    records them (``made_for()``), so a spec is never trained on a dataset made for another one."""
     prob = get_problem(problem)
     if data not in DATA_SOURCES:
         raise choice_error("data set", data, DATA_SOURCES)
+    seed = check_seed(seed)
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
+        raise SpecError(f"steps {steps!r} must be a non-negative integer")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))):
+        raise SpecError(f"batch size {batch_size!r} must be a positive integer (or None for full batch)")
+    if batch_size is not None and batch_size <= 0:
+        raise SpecError(f"batch size {batch_size} must be positive (or omitted for full batch)")
     rng = np.random.default_rng(seed)
     X, y, classes = _synthetic(prob, rng) if data == "synthetic" else _sklearn(data)
-    _check_fit(prob, data, classes)
+    mismatch = fit_error(prob, data, classes)
+    if mismatch:
+        raise SpecError(mismatch)
     order = rng.permutation(len(X))
     n_test = int(round(len(X) * TEST_FRACTION))
     test, train = order[:n_test], order[n_test:]
@@ -126,14 +204,16 @@ def make_dataset(problem: str, data: str = "synthetic", seed: int = 0, steps: in
     init_params = _init_params(layout, rng)  # drawn before the schedule: independent of steps and batch size
     n_train = len(train)
     batches = None
-    if batch_size is not None and batch_size <= 0:
-        raise SpecError(f"batch size {batch_size} must be positive (or omitted for full batch)")
     if batch_size is not None and batch_size < n_train and steps > 0:
         per_epoch = n_train // batch_size  # drop the ragged tail: every step sees batch_size rows
-        epochs = -(-steps // per_epoch)
-        perms = [rng.permutation(n_train)[:per_epoch * batch_size].reshape(per_epoch, batch_size)
-                 for _ in range(epochs)]
-        batches = np.concatenate(perms)[:steps].astype(np.int64)
+        # One permutation per epoch, written in place: the schedule is the largest array of a long run, so it is
+        # allocated once (steps x batch_size int64) instead of as a list of epochs plus their concatenation.
+        batches = np.empty((steps, batch_size), dtype=np.int64)
+        for start in range(0, steps, per_epoch):
+            rows = min(per_epoch, steps - start)
+            perm = rng.permutation(n_train)[:per_epoch * batch_size].reshape(per_epoch, batch_size)
+            batches[start:start + rows] = perm[:rows]
     return Dataset(problem=prob.name, data=data, seed=seed, X_train=X[train], y_train=y[train], X_test=X[test],
                    y_test=y[test], classes=classes, layout=layout, init_params=init_params,
-                   batches=batches)
+                   batches=batches, steps=int(steps),
+                   requested_batch_size=None if batch_size is None else int(batch_size))

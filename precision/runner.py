@@ -17,20 +17,42 @@ from .backends import backend_availability, get_backend
 from .data import Dataset, make_dataset
 from .drift import compare, fingerprint
 from .errors import PrecisionError, SpecError
+from .matrix import check_grid
 from .report import Report, Result, environment, now_utc
 from .spec import RunSpec
 from .trajectory import Trajectory
 
-__all__ = ["run", "run_one", "train", "dataset_for", "validate"]
+__all__ = ["run", "run_one", "train", "dataset_for", "check_dataset", "validate"]
 
 
 def dataset_for(spec: RunSpec) -> Dataset:
     return make_dataset(spec.problem, spec.data, spec.seed, spec.steps, spec.batch_size)
 
 
+def check_dataset(spec: RunSpec, dataset: Dataset) -> None:
+    """Raise one SpecError naming every field in which ``dataset`` was made for another spec than ``spec``: its
+    problem, data, seed, steps or batch size (``dataset_for(spec)`` makes the right one)."""
+    if not isinstance(dataset, Dataset):
+        raise SpecError(f"dataset {type(dataset).__name__} is not a Dataset; make one with "
+                        "precision.make_dataset(problem, data, seed, steps, batch_size)")
+    made_for = dataset.made_for()
+    wanted = {"problem": spec.problem, "data": spec.data, "seed": spec.seed, "steps": spec.steps,
+              "batch_size": spec.batch_size}
+    differ = [f"{field} {made_for[field]!r} (the spec has {value!r})" for field, value in wanted.items()
+              if made_for[field] != value]
+    if differ:
+        raise SpecError(f"the dataset was made for another spec: {', '.join(differ)}; pass "
+                        f"precision.runner.dataset_for(spec), or no dataset")
+
+
 def train(spec: RunSpec, dataset: Dataset | None = None) -> Trajectory:
-    """Train one spec and return its raw trajectory (raises UnavailableError if its backend cannot run)."""
+    """Train one spec and return its raw trajectory (raises UnavailableError if its backend cannot run).
+
+    Without ``dataset``, the spec's own is made (``dataset_for(spec)``); a dataset made for another problem, data
+    set, seed, step count or batch size is refused with one SpecError naming the fields that differ."""
     from .errors import UnavailableError
+    if dataset is not None:
+        check_dataset(spec, dataset)
     avail = backend_availability(spec.backend, spec.device)
     if not avail.available:
         raise UnavailableError(avail.reason)
@@ -44,8 +66,12 @@ class _Cache:
         self.datasets: dict[tuple, Dataset] = {}
         self.references: dict[RunSpec, Trajectory] = {}
 
+    @staticmethod
+    def key(spec: RunSpec) -> tuple:
+        return (spec.problem, spec.data, spec.seed, spec.steps, spec.batch_size)
+
     def dataset(self, spec: RunSpec) -> Dataset:
-        key = (spec.problem, spec.data, spec.seed, spec.steps, spec.batch_size)
+        key = self.key(spec)
         if key not in self.datasets:
             self.datasets[key] = dataset_for(spec)
         return self.datasets[key]
@@ -68,9 +94,16 @@ def _result(spec: RunSpec, traj: Trajectory, ref: Trajectory, dataset: Dataset) 
         drift=tuple(dataclasses.asdict(point) for point in drift.trajectory))
 
 
-def run_one(spec: RunSpec, cache: _Cache | None = None, save_params: Path | None = None) -> Result:
-    """Run one spec to a Result; never raises for the run's own failures (only KeyboardInterrupt passes)."""
+def run_one(spec: RunSpec, cache: _Cache | None = None, save_params: Path | None = None, *,
+            dataset: Dataset | None = None) -> Result:
+    """Run one spec to a Result; never raises for the run's own failures (only KeyboardInterrupt passes).
+
+    ``dataset``, when given, is used for the run and its reference; one made for another spec raises SpecError
+    (the caller's mistake, not the run's), naming the fields that differ."""
     cache = cache or _Cache()
+    if dataset is not None:
+        check_dataset(spec, dataset)
+        cache.datasets[cache.key(spec)] = dataset
     try:
         avail = backend_availability(spec.backend, spec.device)  # inside: a framework may fail to import oddly
         if not avail.available:
@@ -105,9 +138,11 @@ def save_trajectory(folder: Path, spec: RunSpec, traj: Trajectory) -> Path:
         final_dtype=str(traj.final_params.dtype), id=spec.id))
 
 
-def validate(specs: Iterable[RunSpec]) -> list[RunSpec]:
-    """The specs as a list, or one SpecError naming the bad ones (the first three, and how many more): not a
-    RunSpec, or an id that repeats (a report holds one result per id). RunSpec checks its own fields when made."""
+def validate(specs: Iterable[RunSpec], *, force: bool = False, cli_names: bool = False) -> list[RunSpec]:
+    """The specs as a list, or one SpecError, before anything runs. First each spec: not a RunSpec, or an id that
+    repeats (a report holds one result per id), naming the bad ones (the first three, and how many more); RunSpec
+    checks its own fields when made. Then the grid as a whole, loading no data (precision.matrix.check_grid):
+    problem/data fit, batch sizes, optional packages, the size estimate (unless ``force``) and backends."""
     specs = list(specs)
     problems, seen = [], set()
     for i, spec in enumerate(specs):
@@ -120,21 +155,24 @@ def validate(specs: Iterable[RunSpec]) -> list[RunSpec]:
     if problems:
         more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
         raise SpecError(f"{len(problems)} bad spec(s), nothing was run: {'; '.join(problems[:3])}{more}")
+    check_grid(specs, force=force, cli_names=cli_names)
     return specs
 
 
 def run(specs: Iterable[RunSpec], progress: Callable[[int, int, RunSpec, Result], None] | None = None,
         save_params: str | Path | None = None, *, finished: Mapping[str, Result] | None = None,
-        on_result: Callable[[Result], None] | None = None) -> Report:
+        on_result: Callable[[Result], None] | None = None, force: bool = False) -> Report:
     """Run every spec and return a Report with one result per spec, in spec order.
 
-    Every spec, and the ``save_params`` folder, is checked before anything runs; after that, a spec's own failure
-    is an "error" or "unavailable" result, never an exception. ``finished`` maps spec ids to results to reuse
-    instead of running (``precision run --resume``). ``on_result(result)`` is called as each result is known,
-    reused ones included, before ``progress(i, n, spec, result)``: the CLI checkpoints there, so a crash keeps
-    what finished.
+    Every spec, the grid as a whole (:func:`validate`: problem/data fit, batch sizes, optional packages, backends,
+    and a size estimate refused above precision.matrix's MEMORY_LIMIT, WORK_LIMIT and REPORT_LIMIT unless
+    ``force=True``) and the ``save_params`` folder are checked before anything runs, raising one SpecError; after
+    that, a spec's own failure is an "error" or "unavailable" result, never an exception. ``finished`` maps spec
+    ids to results to reuse instead of running (``precision run --resume``). ``on_result(result)`` is called as
+    each result is known, reused ones included, before ``progress(i, n, spec, result)``: the CLI checkpoints there,
+    so a crash keeps what finished.
     """
-    specs = validate(specs)
+    specs = validate(specs, force=force)
     if save_params is not None:
         check_folder_target(save_params, "save_params")  # a file there would turn every result into an error
     finished = finished or {}

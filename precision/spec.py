@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 
-from .data import DATA_SOURCES
+from .data import DATA_SOURCES, MAX_SEED, check_seed
 from .errors import SpecError, choice_error
 from .optim import OptimizerSpec
 from .policy import PRESETS, Policy
 from .problems import get_problem
 
-__all__ = ["RunSpec", "DEVICES"]
+__all__ = ["RunSpec", "DEVICES", "MAX_COUNT"]
 
 DEVICES = ("cpu", "gpu")
+# Steps, batch size and record_every are stored in a report as JSON integers its schema caps at a signed 64-bit
+# value; seeds also (check_seed). A larger count is refused here rather than written to a report nothing can read.
+MAX_COUNT = MAX_SEED
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,14 +45,18 @@ class RunSpec:
             raise choice_error("backend", self.backend, BACKENDS)
         if self.data not in DATA_SOURCES:
             raise choice_error("data set", self.data, DATA_SOURCES)
-        if not isinstance(self.steps, int) or self.steps <= 0:
-            raise SpecError(f"steps {self.steps!r} must be a positive integer")
-        if not isinstance(self.record_every, int) or self.record_every <= 0:
-            raise SpecError(f"record_every {self.record_every!r} must be a positive integer")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+        for name in ("steps", "record_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_COUNT:
+                raise SpecError(f"{name} {value!r} must be a positive integer" +
+                                (f" (at most {MAX_COUNT})" if isinstance(value, int) and value > 0 else ""))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):  # a report stores a JSON integer
             raise SpecError(f"seed {self.seed!r} must be an integer")
-        if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size <= 0):
-            raise SpecError(f"batch size {self.batch_size!r} must be positive (or 'full')")
+        check_seed(self.seed)  # the range numpy.random.default_rng and a report both take
+        bs = self.batch_size
+        if bs is not None and (isinstance(bs, bool) or not isinstance(bs, int) or not 0 < bs <= MAX_COUNT):
+            raise SpecError(f"batch size {bs!r} must be a positive integer or None for full batch ('full' on the "
+                            f"command line)")
         if self.device not in DEVICES:
             raise choice_error("device", self.device, DEVICES)
 

@@ -167,9 +167,16 @@ def test_stale_temp_sweep_removes_only_dead_old_exact_matches(tmp_path):
 # ---- exit statuses -----------------------------------------------------------------------------------------------
 
 def test_every_spec_erroring_exits_1_with_the_report_written(tmp_path):
-    # logreg is binary and digits has 10 classes: a run-time error row, not bad input.
+    # A run-time failure the checks before training cannot see: a stand-in scikit-learn (first on PYTHONPATH) whose
+    # load_breast_cancer cannot read its file. (logreg on digits, the old example, is bad input now: exit 2.)
+    # No report existed, so the one written holds the error messages.
+    broken = tmp_path / "broken" / "sklearn"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("")
+    (broken / "datasets.py").write_text("def load_breast_cancer():\n    raise OSError('unreadable (test)')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(broken.parent), os.environ.get("PYTHONPATH", "")]))
     out = tmp_path / "r.json"
-    proc = cli(*FAST, "--data", "digits", "--seed", "0,1", "--out", str(out))
+    proc = cli(*FAST, "--data", "breast_cancer", "--seed", "0,1", "--out", str(out), env=env)
     assert_one_line(proc, 1, "2 of 2 runs failed")
     assert [r["status"] for r in results(out)] == ["error", "error"]
     assert leftovers(tmp_path) == []

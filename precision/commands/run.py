@@ -8,10 +8,15 @@ from pathlib import Path
 from .._atomic import OutputError, check_file_target, check_folder_target
 from ..backends import BACKENDS, backend_availability
 from ..checkpoint import Checkpoint, checkpoint_path
-from ..errors import PrecisionError, SpecError
-from ..matrix import DEFAULT_STEPS, build_specs, default_specs, split_list
+from ..data import DATA_SOURCES, MAX_SEED
+from ..errors import PrecisionError, SpecError, choice_error
+from ..matrix import DEFAULT_STEPS, MEMORY_LIMIT, REPORT_LIMIT, WORK_LIMIT, build_specs, default_specs, split_list
+from ..optim import OPTIMIZERS
+from ..policy import PRESETS
+from ..problems import PROBLEMS
 from ..report import Report, environment, now_utc
 from ..runner import run, validate
+from ..spec import DEVICES
 from ..table import format_table
 
 DEFAULT_OUT = "precision-report.json"
@@ -30,22 +35,55 @@ def _positive_int(name):
 
 
 def _batch_size(text: str):
-    return None if text.strip().lower() in ("full", "none", "0") else _positive_int("batch size")(text)
+    if text.strip().lower() in ("full", "none"):
+        return None
+    try:
+        return _positive_int("batch size")(text)
+    except SpecError as exc:  # 0 is no batch at all, not a way to say full batch
+        raise SpecError(f"{exc}, or 'full' for full batch") from None
+
+
+# What each list option accepts, for the message about an empty value or an empty item.
+_CHOICES = {"problem": ", ".join(PROBLEMS), "data": ", ".join(DATA_SOURCES), "optimizer": ", ".join(OPTIMIZERS),
+            "policy": ", ".join(PRESETS) + " or 'p=..,c=..' strings", "backend": ", ".join(BACKENDS),
+            "device": ", ".join(DEVICES), "seed": f"integers in 0..{MAX_SEED}"}
+
+
+def _items(args, option: str) -> list[str] | None:
+    """The comma-separated values of --option (None when not given); an empty value or item is bad input."""
+    text = getattr(args, option)
+    if text is None:
+        return None
+    try:
+        items = (split_policies(text) if option == "policy" else split_list(text)) if text.strip() else []
+    except SpecError:  # what split_list refuses: an empty item ("logreg,")
+        items = []
+    if not items:
+        raise SpecError(f"--{option} {text!r} is empty or has an empty item; valid choices: "
+                        f"{_CHOICES[option]} (comma-separated)")
+    return items
 
 
 EXIT_CODES = """\
 exit status:
   0    every run finished: ok, diverged (a result, not a failure), or unavailable on a device not asked for
-  1    some run errored (its message is in the report), or an output could not be written after training
-  2    bad input, found before any training: an unknown name or value, an output path that cannot be written,
-       --backend naming a backend that cannot run here, --plot without matplotlib
+  1    some run errored (its message is in the report), or an output could not be written after training;
+       also when nothing ran (every run errored or was unavailable): an existing report at --out is then kept
+  2    bad input, found before any training: an unknown name or value, a problem that does not fit its data set,
+       a grid over the size limits (without --force), an output path that cannot be written, --backend naming a
+       backend that cannot run here, --plot without matplotlib; nothing is written
   130  interrupted (Ctrl-C or SIGTERM); the results finished so far are saved as the report
   141  stdout closed early (e.g. piped into head); the report is still written
 """
 
-DESCRIPTION = """\
+DESCRIPTION = f"""\
 Without matrix options, runs the built-in default matrix. Every option that takes a list accepts
 comma-separated values; their cross product runs.
+
+The whole grid is checked before any run starts (names, problem/data fit, devices, seeds, batch sizes,
+backends, optional packages) and its size estimated: a grid estimated above {MEMORY_LIMIT // 2**30} GiB of memory,
+{WORK_LIMIT:.0e} multiply-adds (steps x batch rows x params, summed over runs) or a {REPORT_LIMIT // 2**20} MiB
+report is refused unless --force is given.
 
 Every output path is checked before training: --out (and the plots of --plot) must be a regular file or
 absent, --save-params a folder or absent, each in a writable folder. Each result is appended to
@@ -68,8 +106,9 @@ def add_parser(sub):
                    "that cannot run is an error)")
     p.add_argument("--device", help="cpu (default), gpu")
     p.add_argument("--steps", default=str(DEFAULT_STEPS), help=f"training steps (default {DEFAULT_STEPS})")
-    p.add_argument("--seed", default="0", help="data/init seed(s) (default 0)")
-    p.add_argument("--batch-size", default="128", help="minibatch size, or 'full' (default 128)")
+    p.add_argument("--seed", default="0", help=f"data/init seed(s), integers in 0..{MAX_SEED} (default 0)")
+    p.add_argument("--batch-size", default="128", help="minibatch size (at most the data set's training rows), "
+                   "or 'full' (default 128)")
     p.add_argument("--lr", help="learning rate (default: the optimizer's own)")
     p.add_argument("--record-every", default="20", help="record params every N steps (default 20)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"report JSON path (default {DEFAULT_OUT})")
@@ -77,6 +116,7 @@ def add_parser(sub):
     p.add_argument("--plot", action="store_true", help="also write drift and runtime plots next to the report")
     p.add_argument("--resume", action="store_true", help="reuse the ok and diverged results already in --out and "
                    "its .partial.jsonl checkpoint; run only the other specs")
+    p.add_argument("--force", action="store_true", help="run a grid over the size limits anyway (see above)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.set_defaults(handler=main)
 
@@ -89,36 +129,46 @@ def split_policies(text: str) -> list[str]:
 
 
 def specs_from_args(args):
+    problems, data, optimizers, policies, backends, devices, seed_items = (
+        _items(args, option) for option in ("problem", "data", "optimizer", "policy", "backend", "device", "seed"))
+    for device in devices or ():  # named before anything about the matrix: `--device tpu` is about 'tpu'
+        if device not in DEVICES:
+            raise choice_error("device", device, DEVICES)
     steps = _positive_int("steps")(args.steps)
     record_every = _positive_int("record-every")(args.record_every)
     batch_size = _batch_size(args.batch_size)
-    seeds = [int(s) if s.lstrip("-").isdigit() else _bad_seed(s) for s in split_list(args.seed)]
+    seeds = [int(s) if s.lstrip("-").isdigit() else _bad_seed(s) for s in seed_items or ["0"]]
     lr = None
     if args.lr is not None:
         try:
             lr = float(args.lr)
         except ValueError:
             raise SpecError(f"learning rate {args.lr!r} is not a number") from None
-    matrix_options = (args.problem, args.data, args.optimizer, args.policy)
-    if all(o is None for o in matrix_options):
-        specs = default_specs(split_list(args.backend) if args.backend else None)
-        if args.device:
+    if all(o is None for o in (problems, data, optimizers, policies)):
+        if devices:
             raise SpecError("--device needs an explicit matrix (--problem ...); the default matrix runs on the cpu")
+        specs = default_specs(backends)
         import dataclasses
         return [dataclasses.replace(s, steps=steps, record_every=record_every, batch_size=batch_size, seed=seed,
-                                    optimizer=dataclasses.replace(s.optimizer, lr=lr) if lr else s.optimizer)
+                                    optimizer=dataclasses.replace(s.optimizer, lr=lr) if lr is not None
+                                    else s.optimizer)
                 for s in specs for seed in seeds]
-    backends = split_list(args.backend) if args.backend else [
-        b for b in BACKENDS if backend_availability(b, "cpu").available]
+    devices = devices or ["cpu"]
+    if backends is None:  # every backend that runs on one of the devices asked for
+        backends = [b for b in BACKENDS if any(backend_availability(b, d).available for d in devices)]
+        if not backends:
+            why = "; ".join(backend_availability(b, devices[0]).reason for b in BACKENDS)
+            raise SpecError(f"--device {','.join(devices)}: no backend can run here ({why}); valid here: "
+                            f"--device cpu")
     return build_specs(
-        problems=split_list(args.problem or "logreg"), optimizers=split_list(args.optimizer or "adam"),
-        policies=split_policies(args.policy or "fp64,fp32,fp16,bf16,bf16-mixed"), backends=backends,
-        devices=split_list(args.device or "cpu"), data=split_list(args.data or "synthetic"), seeds=seeds,
+        problems=problems or ["logreg"], optimizers=optimizers or ["adam"],
+        policies=policies or split_policies("fp64,fp32,fp16,bf16,bf16-mixed"), backends=backends,
+        devices=devices, data=data or ["synthetic"], seeds=seeds,
         steps=steps, batch_size=batch_size, lr=lr, record_every=record_every)
 
 
 def _bad_seed(text):
-    raise SpecError(f"seed {text!r} is not an integer")
+    raise SpecError(f"seed {text!r} is not an integer; valid seeds: 0..{MAX_SEED}")
 
 
 class _Progress:
@@ -160,37 +210,26 @@ def check_outputs(args) -> None:
             check_file_target(path, "--plot output")
 
 
-def check_backends(args, specs) -> None:
-    """A backend the user named must run on at least one of the devices asked for; else bad input (exit 2), not
-    a report of "unavailable" rows. Without --backend, only the available backends were chosen."""
-    if not args.backend:
-        return
-    devices: dict[str, list[str]] = {}
-    for spec in specs:
-        devices.setdefault(spec.backend, [])
-        if spec.device not in devices[spec.backend]:
-            devices[spec.backend].append(spec.device)
-    for name, devs in devices.items():
-        avail = [backend_availability(name, d) for d in devs]
-        if not any(a.available for a in avail):
-            usable = [b for b in BACKENDS if any(backend_availability(b, d).available for d in devs)]
-            raise SpecError(f"--backend {name} cannot run on {'/'.join(devs)} here: {avail[0].reason}; "
-                            f"usable here: {', '.join(usable) or 'none'}")
-
-
 def main(args) -> int:
-    specs = validate(specs_from_args(args))  # e.g. --seed 0,0: a repeated id
+    # The whole grid, before anything is written or run: names, repeated ids (--seed 0,0), problem/data fit, batch
+    # sizes, optional packages, the size limits (--force) and each backend on the devices asked for.
+    specs = validate(specs_from_args(args), force=args.force, cli_names=True)
     out = Path(args.out)
     check_outputs(args)
-    check_backends(args, specs)
     # Last check, as it locks and creates the checkpoint file. Leaving the block keeps the file if it holds any
     # result (and releases the lock); only remove(), once a report holds its results, deletes it.
     with Checkpoint(out, resume=args.resume) as checkpoint:
         try:
             report = run(specs, progress=_Progress(sys.stderr.isatty() and not args.quiet),
-                         save_params=args.save_params, finished=checkpoint.found, on_result=checkpoint.append)
+                         save_params=args.save_params, finished=checkpoint.found, on_result=checkpoint.append,
+                         force=args.force)
         except KeyboardInterrupt:
             return _save_interrupted(specs, checkpoint, out)
+        statuses = [r.status for r in report.results]
+        if _nothing_ran(statuses) and out.exists():
+            # Not one result measured anything: the report at --out stays as it was (and no checkpoint remains).
+            checkpoint.remove()
+            return _nothing_ran_exit(report, out)
         try:
             report.save(out)
         except (OSError, OutputError) as exc:
@@ -200,10 +239,13 @@ def main(args) -> int:
             return 1
         checkpoint.remove()
     status = 0
-    statuses = [r.status for r in report.results]
     if "error" in statuses:
         print(f"precision run: error: {statuses.count('error')} of {len(statuses)} runs failed; their messages "
               f"are in the report", file=sys.stderr)
+        status = 1
+    elif _nothing_ran(statuses):
+        print(f"precision run: error: no run could start ({len(statuses)} unavailable); the reasons are in the "
+              f"report", file=sys.stderr)
         status = 1
     if args.plot:
         try:
@@ -223,6 +265,22 @@ def main(args) -> int:
     return status
 
 
+def _nothing_ran(statuses: list[str]) -> bool:
+    """No result measured anything: every run errored or was unavailable (a diverged run is a result)."""
+    return bool(statuses) and not any(s in ("ok", "diverged") for s in statuses)
+
+
+def _nothing_ran_exit(report: Report, out: Path) -> int:
+    """Every run failed or was unavailable and a report exists at --out: keep it, say why in one line, exit 1."""
+    from .._terminal import clip, safe_text
+    failed = [r for r in report.results if r.status == "error"] or list(report.results)
+    kinds = ", ".join(f"{n} {s}" for s in ("error", "unavailable")
+                      if (n := sum(r.status == s for r in report.results)))
+    _say(f"precision run: error: nothing ran ({kinds}; first: {clip(safe_text(failed[0].message or '?'), 200)}); the "
+         f"existing report {str(out)!r} was kept")
+    return 1
+
+
 def _save_interrupted(specs, checkpoint: Checkpoint, out: Path) -> int:
     """Ctrl-C or SIGTERM: the finished results (and those --resume found) become the report, atomically."""
     known = {**checkpoint.found, **checkpoint.results}
@@ -230,6 +288,11 @@ def _save_interrupted(specs, checkpoint: Checkpoint, out: Path) -> int:
     if not done:
         checkpoint.discard()
         _say("precision run: interrupted before any run finished; nothing written")
+        return 130
+    if _nothing_ran([r.status for r in done]) and out.exists():  # errors only: the existing report stays
+        checkpoint.remove()
+        _say(f"precision run: interrupted; nothing ran ({len(done)} finished, none ok or diverged); the existing "
+             f"report {str(out)!r} was kept")
         return 130
     try:
         Report(results=tuple(done), environment=environment(), created=now_utc()).save(out)
