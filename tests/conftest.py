@@ -6,6 +6,8 @@ expression names them: ``python -m pytest tests/test_formats.py -m exhaustive``.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 EXHAUSTIVE_HOW = "exhaustive check (minutes): run with `python -m pytest -m exhaustive`"
@@ -30,3 +32,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("exhaustive") is not None:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def broken_sklearn(tmp_path):
+    """A stand-in scikit-learn, first on PYTHONPATH, whose ``loader`` (e.g. "load_digits") raises OSError(message):
+    a run-time failure that no check before training can see. Returns the environment for a subprocess."""
+    def make(loader: str, message: str) -> dict:
+        package = tmp_path / "broken" / "sklearn"
+        package.mkdir(parents=True, exist_ok=True)
+        (package / "__init__.py").write_text("")
+        (package / "datasets.py").write_text(f"def {loader}():\n    raise OSError({message!r})\n")
+        return dict(os.environ, PYTHONPATH=os.pathsep.join([str(package.parent), os.environ.get("PYTHONPATH", "")]))
+    return make

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -110,15 +109,11 @@ def test_unreadable_report_is_refused_in_one_line(content, message, tmp_path):
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_a_failing_configuration_keeps_the_others(tmp_path):
-    # A failure only running can find: a stand-in scikit-learn (first on PYTHONPATH) whose load_digits cannot read
-    # its file. (A problem that does not fit its data set is bad input now, refused before any run: exit 2.) The
-    # digits spec errors at run time; the synthetic one still runs.
-    broken = tmp_path / "broken" / "sklearn"
-    broken.mkdir(parents=True)
-    (broken / "__init__.py").write_text("")
-    (broken / "datasets.py").write_text("def load_digits():\n    raise OSError('digits file unreadable (test)')\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(broken.parent), os.environ.get("PYTHONPATH", "")]))
+def test_a_failing_configuration_keeps_the_others(tmp_path, broken_sklearn):
+    # A failure only running can find: a stand-in scikit-learn whose load_digits cannot read its file. (A problem
+    # that does not fit its data set is bad input now, refused before any run: exit 2.) The digits spec errors at
+    # run time; the synthetic one still runs.
+    env = broken_sklearn("load_digits", "digits file unreadable (test)")
     out = tmp_path / "r.json"
     proc = cli("run", "--problem", "softmax", "--data", "synthetic,digits", "--policy", "fp32", "--backend", "numpy",
                "--steps", "5", "--out", str(out), env=env)

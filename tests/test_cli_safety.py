@@ -166,15 +166,11 @@ def test_stale_temp_sweep_removes_only_dead_old_exact_matches(tmp_path):
 
 # ---- exit statuses -----------------------------------------------------------------------------------------------
 
-def test_every_spec_erroring_exits_1_with_the_report_written(tmp_path):
-    # A run-time failure the checks before training cannot see: a stand-in scikit-learn (first on PYTHONPATH) whose
-    # load_breast_cancer cannot read its file. (logreg on digits, the old example, is bad input now: exit 2.)
-    # No report existed, so the one written holds the error messages.
-    broken = tmp_path / "broken" / "sklearn"
-    broken.mkdir(parents=True)
-    (broken / "__init__.py").write_text("")
-    (broken / "datasets.py").write_text("def load_breast_cancer():\n    raise OSError('unreadable (test)')\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(broken.parent), os.environ.get("PYTHONPATH", "")]))
+def test_every_spec_erroring_exits_1_with_the_report_written(tmp_path, broken_sklearn):
+    # A run-time failure the checks before training cannot see: a stand-in scikit-learn whose load_breast_cancer
+    # cannot read its file. (logreg on digits, the old example, is bad input now: exit 2.) No report existed, so
+    # the one written holds the error messages.
+    env = broken_sklearn("load_breast_cancer", "unreadable (test)")
     out = tmp_path / "r.json"
     proc = cli(*FAST, "--data", "breast_cancer", "--seed", "0,1", "--out", str(out), env=env)
     assert_one_line(proc, 1, "2 of 2 runs failed")
