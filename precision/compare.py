@@ -5,6 +5,11 @@ step times, tested with a two-sided Mann-Whitney U test) and called "not signifi
 the samples do not separate; drift is deterministic on a given machine, so any change in bits of agreement is
 real and only the threshold decides; a changed fingerprint means the numerics moved, even by one bit.
 
+Times are first divided by each report's calibration median (precision.calibration: a fixed kernel timed in the
+same run), so a machine that was uniformly slower during one run (load from other processes) does not read as
+slower code. A time change past the threshold whose samples are too few for the test to ever reach significance
+is reported as "unconfirmed" and does not fail the gate. docs/compare.md has the rules.
+
 The library returns a :class:`Comparison`; only the CLI prints it and sets the exit status.
 """
 
@@ -19,15 +24,20 @@ from typing import Sequence
 from ._terminal import safe_text
 from .envdiff import environment_differences
 from .errors import PrecisionError
+from .calibration import Calibration
 from .report import Report, Result, finite_or_none
 
-__all__ = ["Thresholds", "TimeChange", "Row", "Comparison", "compare_reports", "mann_whitney_p",
-           "format_comparison", "FORMATS", "SIGNIFICANCE_LEVEL"]
+__all__ = ["Thresholds", "TimeChange", "Row", "Comparison", "compare_reports", "mann_whitney_p", "smallest_p",
+           "format_p", "format_comparison", "FORMATS", "SIGNIFICANCE_LEVEL", "TIME_THRESHOLD_RANGE",
+           "BITS_THRESHOLD_RANGE"]
 
 SIGNIFICANCE_LEVEL = 0.05
 FORMATS = ("table", "markdown", "json")
 _STATUS_RANK = {"ok": 0, "diverged": 1, "error": 2}  # "unavailable" is not comparable either way
 _EXACT_MAX_SAMPLES = 60  # n1 + n2 up to which the U distribution is computed exactly (integers, instant)
+TIME_THRESHOLD_RANGE = "must be a finite ratio > 1 (e.g. 1.10 = 10% slower)"
+BITS_THRESHOLD_RANGE = "must be a finite number of bits >= 0 (e.g. 0.5)"
+_FAILED_IN_BOTH = {"error": "errored", "unavailable": "unavailable"}  # same status in both: one summary line
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,10 +52,9 @@ class Thresholds:
 
     def __post_init__(self):
         if not (math.isfinite(self.time_ratio) and self.time_ratio > 1.0):
-            raise PrecisionError(f"time threshold {self.time_ratio!r} must be a finite ratio > 1 (1.10 = 10% "
-                                 "slower)")
+            raise PrecisionError(f"time threshold {self.time_ratio!r} is out of range: {TIME_THRESHOLD_RANGE}")
         if not (math.isfinite(self.bits) and self.bits >= 0.0):
-            raise PrecisionError(f"bits threshold {self.bits!r} must be a finite number of bits >= 0")
+            raise PrecisionError(f"bits threshold {self.bits!r} is out of range: {BITS_THRESHOLD_RANGE}")
 
 
 def mann_whitney_p(x: Sequence[float], y: Sequence[float]) -> float:
@@ -84,6 +93,28 @@ def mann_whitney_p(x: Sequence[float], y: Sequence[float]) -> float:
     return min(1.0, math.erfc(max(z, 0.0) / math.sqrt(2.0)))
 
 
+def smallest_p(n1: int, n2: int) -> float:
+    """The smallest two-sided p-value :func:`mann_whitney_p` can give for samples of sizes ``n1`` and ``n2``
+    (every sample of one side below every sample of the other, no ties). When it is not below
+    SIGNIFICANCE_LEVEL the test cannot find any change, however large: 2 / C(n1 + n2, n1) when exact, so n1 = n2 = 2
+    gives 0.333, 3 and 3 give 0.1, 3 and 4 give 0.057, 4 and 4 give 0.029."""
+    return mann_whitney_p(range(n1), range(n1, n1 + n2))
+
+
+def format_p(p: float | None) -> str:
+    """``p`` with 3 significant digits, or more where 3 would put it on the other side of SIGNIFICANCE_LEVEL or
+    on it (0.0504 prints as 0.0504, 0.04996 as 0.04996, never as 0.05)."""
+    if p is None:
+        return "-"
+    below = p < SIGNIFICANCE_LEVEL
+    for digits in range(3, 18):
+        text = f"{p:.{digits}g}"
+        shown = float(text)
+        if (shown < SIGNIFICANCE_LEVEL) == below and (shown != SIGNIFICANCE_LEVEL or p == SIGNIFICANCE_LEVEL):
+            return text
+    return repr(p)
+
+
 def _u_counts(n1: int, n2: int) -> list[int]:
     """counts[u] = number of orderings of n1 x's and n2 y's with U = u: the coefficients of
     prod_{k=1..n1} (1 - q^(n2+k)) / (1 - q^k), computed exactly in integers."""
@@ -99,17 +130,44 @@ def _u_counts(n1: int, n2: int) -> list[int]:
 
 @dataclasses.dataclass(frozen=True)
 class TimeChange:
+    """A time change. ``ratio`` is the raw new / old median seconds per step; ``normalised_ratio`` divides each by
+    its report's calibration median, (new/new_cal) / (old/old_cal), and is None when a report has no calibration
+    (then the raw ratio is judged). ``p_value`` is the Mann-Whitney test of the (normalised) per-chunk times;
+    ``significant`` is None when the test cannot decide: fewer than 2 samples on a side (noise unknown), or so
+    few that no ordering of them reaches p < SIGNIFICANCE_LEVEL (``testable`` False)."""
+
     old_s: float
     new_s: float
-    ratio: float  # new / old median seconds per step
+    ratio: float
     p_value: float | None  # None: a report has fewer than 2 timed chunks, no noise estimate
     significant: bool | None
+    normalised_ratio: float | None = None
+    n_old: int = 0
+    n_new: int = 0
+    testable: bool = False
+
+    @property
+    def judged_ratio(self) -> float:
+        """The ratio the gate judges: the normalised one when there is one, else the raw one."""
+        return self.ratio if self.normalised_ratio is None else self.normalised_ratio
+
+    @property
+    def noise(self) -> str:
+        if self.n_old < 2 or self.n_new < 2:
+            return "noise unknown"
+        if not self.testable:
+            return (f"too few samples to test (n={self.n_old}+{self.n_new}, best possible "
+                    f"p={format_p(smallest_p(self.n_old, self.n_new))})")
+        return "significant" if self.significant else "not significant"
 
     @property
     def summary(self) -> str:
-        if self.significant is None:
-            return f"x{self.ratio:.2f} (noise unknown)"
-        return f"x{self.ratio:.2f}" if self.significant else f"x{self.ratio:.2f} not significant"
+        """What the test says, and "not normalised" when the raw ratio is judged (the table's time test)."""
+        return self.noise if self.normalised_ratio is not None else f"not normalised, {self.noise}"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self) | {"judged_ratio": self.judged_ratio, "noise": self.noise,
+                                           "normalised": self.normalised_ratio is not None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,25 +184,44 @@ class Row:
     regressions: tuple[str, ...] = ()
     improvements: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+    # Time changes past the threshold that the samples cannot confirm (noise unknown, or too few to test): shown
+    # prominently, never a regression (docs/compare.md).
+    unconfirmed: tuple[str, ...] = ()
 
     @property
     def bits_delta(self) -> float | None:
         return None if self.old_bits is None or self.new_bits is None else self.new_bits - self.old_bits
 
     @property
+    def failed_in_both(self) -> str | None:
+        """"error" or "unavailable" when the result has that status in both reports and nothing else to say:
+        the table and markdown collapse such rows into one summary line per status."""
+        if (self.presence == "both" and self.old_status == self.new_status and self.old_status in _FAILED_IN_BOTH
+                and not (self.regressions or self.improvements or self.unconfirmed or self.notes)):
+            return self.old_status
+        return None
+
+    @property
     def verdict(self) -> str:
         if self.regressions:
-            return "REGRESSION: " + "; ".join(self.regressions)
+            also = " | UNCONFIRMED: " + "; ".join(self.unconfirmed) if self.unconfirmed else ""
+            return "REGRESSION: " + "; ".join(self.regressions) + also
+        if self.unconfirmed:
+            also = " | improved: " + "; ".join(self.improvements) if self.improvements else ""
+            return "UNCONFIRMED: " + "; ".join(self.unconfirmed) + also
         if self.improvements:
             return "improved: " + "; ".join(self.improvements)
         if self.presence != "both":
             return self.presence
+        if self.failed_in_both:
+            return f"{self.failed_in_both} in both"
         if self.fingerprint_changed:
             return "numerics changed"
         return "; ".join(self.notes) if self.notes else "unchanged"
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
+        out["time"] = self.time.to_dict() if self.time is not None else None
         out["bits_delta"] = self.bits_delta
         out["verdict"] = self.verdict
         return out
@@ -155,17 +232,41 @@ class Comparison:
     rows: tuple[Row, ...]
     thresholds: Thresholds
     environment_changes: tuple[str, ...] = ()
+    old_calibration: Calibration | None = None
+    new_calibration: Calibration | None = None
 
     @property
     def regressions(self) -> tuple[Row, ...]:
         return tuple(r for r in self.rows if r.regressions)
 
+    @property
+    def unconfirmed(self) -> tuple[Row, ...]:
+        return tuple(r for r in self.rows if r.unconfirmed)
+
+    @property
+    def normalised(self) -> bool:
+        return _calibration_scale(self.old_calibration, self.new_calibration)[0] is not None
+
+    @property
+    def calibration_note(self) -> str:
+        """How times were normalised, or why they were not."""
+        scale, why = _calibration_scale(self.old_calibration, self.new_calibration)
+        if scale is None:
+            return f"times not normalised: {why}; the raw new/old ratio is judged"
+        old, new = self.old_calibration.median_s, self.new_calibration.median_s
+        return (f"times normalised by the calibration kernel {self.new_calibration.kernel}: median "
+                f"{old * 1e3:.3g} ms old, {new * 1e3:.3g} ms new (new/old x{new / old:.2f}; each report's times are "
+                "divided by its median)")
+
     def counts(self) -> dict[str, int]:
         rows = self.rows
         return {"regressions": len(self.regressions),
                 "improvements": sum(1 for r in rows if r.improvements and not r.regressions),
+                "unconfirmed": len(self.unconfirmed),
                 "numerics_changed": sum(1 for r in rows if r.fingerprint_changed),
                 "unchanged": sum(1 for r in rows if r.verdict == "unchanged"),
+                "errored_in_both": sum(1 for r in rows if r.failed_in_both == "error"),
+                "unavailable_in_both": sum(1 for r in rows if r.failed_in_both == "unavailable"),
                 "added": sum(1 for r in rows if r.presence == "added"),
                 "removed": sum(1 for r in rows if r.presence == "removed")}
 
@@ -180,25 +281,51 @@ class Comparison:
                 "machine with the same settings to tell")
 
     def to_dict(self) -> dict:
+        old, new = self.old_calibration, self.new_calibration
+        calibration = {"old": old and old.to_dict(), "new": new and new.to_dict(), "normalised": self.normalised,
+                       "note": self.calibration_note}
         return {"thresholds": dataclasses.asdict(self.thresholds) | {"significance_level": SIGNIFICANCE_LEVEL},
                 "environment_changes": list(self.environment_changes), "environment_note": self.environment_note,
-                "counts": self.counts(),
+                "calibration": calibration, "counts": self.counts(),
                 "results": [r.to_dict() for r in self.rows]}
 
 
-def _time_change(old: Result, new: Result) -> TimeChange | None:
+def _calibration_scale(old: Calibration | None, new: Calibration | None) -> tuple[float | None, str]:
+    """(old median / new median, "") when both reports have a usable calibration of the same kernel: the factor
+    that turns a raw new/old ratio into the normalised one; else (None, why not)."""
+    if old is None or new is None:
+        which = "either report" if old is None and new is None else "the old report" if old is None else \
+            "the new report"
+        return None, f"{which} has no calibration (written before precision recorded one)"
+    if old.kernel != new.kernel:
+        return None, f"the calibration kernels differ ({old.kernel} -> {new.kernel})"
+    if not (old.median_s and new.median_s and math.isfinite(old.median_s / new.median_s)
+            and old.median_s / new.median_s > 0):
+        return None, "a calibration median is 0"
+    return old.median_s / new.median_s, ""
+
+
+def _time_change(old: Result, new: Result, old_cal: float | None, new_cal: float | None) -> TimeChange | None:
+    """``old_cal``/``new_cal``: the calibration medians to divide each report's times by, or None (raw times)."""
     if not old.time_per_step_s or not new.time_per_step_s:
         return None
     ratio = new.time_per_step_s / old.time_per_step_s
+    normalised = None if old_cal is None else (new.time_per_step_s / new_cal) / (old.time_per_step_s / old_cal)
     a, b = old.step_times_s or (), new.step_times_s or ()
+    common = (old.time_per_step_s, new.time_per_step_s, ratio)
     if len(a) < 2 or len(b) < 2:
-        return TimeChange(old.time_per_step_s, new.time_per_step_s, ratio, None, None)
+        return TimeChange(*common, None, None, normalised, len(a), len(b), False)
+    if old_cal is not None:  # the test on the normalised samples: each divided by its report's calibration
+        a, b = [t / old_cal for t in a], [t / new_cal for t in b]
     p = mann_whitney_p(a, b)
-    return TimeChange(old.time_per_step_s, new.time_per_step_s, ratio, p, p < SIGNIFICANCE_LEVEL)
+    testable = smallest_p(len(a), len(b)) < SIGNIFICANCE_LEVEL
+    return TimeChange(*common, p, p < SIGNIFICANCE_LEVEL if testable else None, normalised, len(a), len(b),
+                      testable)
 
 
-def _pair_row(rid: str, label: str, old: Result, new: Result, th: Thresholds) -> Row:
-    regressions, improvements, notes = [], [], []
+def _pair_row(rid: str, label: str, old: Result, new: Result, th: Thresholds,
+              calibration: tuple[float | None, float | None] = (None, None)) -> Row:
+    regressions, improvements, notes, unconfirmed = [], [], [], []
     time = old_bits = new_bits = fingerprint_changed = None
     ranks = _STATUS_RANK.get(old.status), _STATUS_RANK.get(new.status)
     if None in ranks:
@@ -216,13 +343,15 @@ def _pair_row(rid: str, label: str, old: Result, new: Result, th: Thresholds) ->
         if fingerprint_changed and th.fingerprint:
             regressions.append("fingerprint changed")
     if old.status == new.status == "ok":
-        time = _time_change(old, new)
-        if time is not None and time.significant is not False:
-            basis = "" if time.significant else " (noise unknown)"
-            if time.ratio > th.time_ratio:
-                regressions.append(f"slower x{time.ratio:.2f}{basis}")
-            elif time.ratio < 1.0 / th.time_ratio:
-                improvements.append(f"faster x{time.ratio:.2f}{basis}")
+        time = _time_change(old, new, *calibration)
+        ratio = time and time.judged_ratio
+        if time is not None and (ratio > th.time_ratio or ratio < 1.0 / th.time_ratio):
+            change = f"{'slower' if ratio > th.time_ratio else 'faster'} x{ratio:.2f}"
+            change += "" if time.normalised_ratio is not None else " (not normalised)"
+            if time.significant is None:  # the samples cannot say: shown, never a regression
+                unconfirmed.append(f"{change}, {time.noise}")
+            elif time.significant:
+                (regressions if ratio > th.time_ratio else improvements).append(change)
         old_bits, new_bits = old.bits_of_agreement, new.bits_of_agreement
         if old_bits is not None and new_bits is not None:
             delta = new_bits - old_bits
@@ -231,7 +360,7 @@ def _pair_row(rid: str, label: str, old: Result, new: Result, th: Thresholds) ->
             elif delta > th.bits:
                 improvements.append(f"{delta:+.2f} bits of agreement")
     return Row(rid, label, "both", old.status, new.status, time, old_bits, new_bits, fingerprint_changed,
-               tuple(regressions), tuple(improvements), tuple(notes))
+               tuple(regressions), tuple(improvements), tuple(notes), tuple(unconfirmed))
 
 
 def _label(spec: dict) -> str:
@@ -246,7 +375,10 @@ def _environment_changes(old: dict, new: dict) -> tuple[str, ...]:
 
 
 def compare_reports(old: Report, new: Report, thresholds: Thresholds = Thresholds()) -> Comparison:
-    """Match results by spec id; results in one report only are listed as added or removed."""
+    """Match results by spec id; results in one report only are listed as added or removed. Times are
+    normalised by the reports' calibration medians when both have one of the same kernel."""
+    scale, _ = _calibration_scale(old.calibration, new.calibration)
+    calibration = (old.calibration.median_s, new.calibration.median_s) if scale is not None else (None, None)
     old_by, new_by = old.by_id(), new.by_id()
     ids = list(old_by) + [i for i in new_by if i not in old_by]
     labels = {i: _label((old_by.get(i) or new_by[i]).spec) for i in ids}
@@ -260,36 +392,64 @@ def compare_reports(old: Report, new: Report, thresholds: Thresholds = Threshold
         elif n is None:
             rows.append(Row(rid, labels[rid], "removed", o.status, None, old_bits=o.bits_of_agreement))
         else:
-            rows.append(_pair_row(rid, labels[rid], o, n, thresholds))
-    return Comparison(tuple(rows), thresholds, _environment_changes(old.environment, new.environment))
+            rows.append(_pair_row(rid, labels[rid], o, n, thresholds, calibration))
+    return Comparison(tuple(rows), thresholds, _environment_changes(old.environment, new.environment),
+                      old.calibration, new.calibration)
 
 
 def _num(x, fmt: str) -> str:
     return "-" if x is None else format(x, fmt)
 
 
+def _ratio(x: float | None) -> str:
+    return "-" if x is None else f"x{x:.2f}"
+
+
 def _cells(row: Row) -> tuple[str, ...]:
     t = row.time
     return (row.label, _num(t and t.old_s * 1e6, ".1f"), _num(t and t.new_s * 1e6, ".1f"),
-            t.summary if t else "-", _num(t and t.p_value, ".2g"), _num(row.old_bits, ".2f"),
+            _ratio(t and t.ratio), _ratio(t and t.normalised_ratio), t.summary if t else "-",
+            format_p(t and t.p_value), _num(row.old_bits, ".2f"),
             _num(row.new_bits, ".2f"), _num(row.bits_delta, "+.2f"),
             {True: "changed", False: "same", None: "-"}[row.fingerprint_changed], row.verdict)
 
 
-_HEADERS = ("case", "old us/step", "new us/step", "time", "p", "old bits", "new bits", "delta bits",
-            "fingerprint", "verdict")
+_HEADERS = ("case", "old us/step", "new us/step", "raw ratio", "normalised", "time test", "p", "old bits", "new bits",
+            "delta bits", "fingerprint", "verdict")
 
 
 def _summary(cmp: Comparison) -> str:
     c = cmp.counts()
-    return (f"{c['regressions']} regressions, {c['improvements']} improvements, {c['numerics_changed']} with "
-            f"numerics changed, {c['unchanged']} unchanged, {c['added']} added, {c['removed']} removed")
+    return (f"{c['regressions']} regressions, {c['improvements']} improvements, {c['unconfirmed']} unconfirmed, "
+            f"{c['numerics_changed']} with numerics changed, {c['unchanged']} unchanged, {c['errored_in_both']} "
+            f"errored in both, {c['unavailable_in_both']} unavailable in both, {c['added']} added, "
+            f"{c['removed']} removed")
 
 
 def _criteria(th: Thresholds) -> str:
-    text = (f"regression: slower than x{th.time_ratio:g} with p < {SIGNIFICANCE_LEVEL:g} (Mann-Whitney U on "
-            f"per-chunk step times), or more than {th.bits:g} bits of agreement lost, or ok -> diverged/error")
-    return text + (", or any fingerprint change" if th.fingerprint else "")
+    text = (f"regression: slower than x{th.time_ratio:g} (time per step normalised by the calibration kernel when "
+            f"both reports have one) with p < {SIGNIFICANCE_LEVEL:g} (Mann-Whitney U on normalised per-chunk step "
+            f"times), or more than {th.bits:g} bits of agreement lost, or ok -> diverged/error")
+    text += ", or any fingerprint change" if th.fingerprint else ""
+    return text + ("; a time change past the threshold that the samples cannot test is UNCONFIRMED and does not "
+                   "fail (docs/compare.md)")
+
+
+def _collapsed(cmp: Comparison) -> list[str]:
+    """One line per status for the results that failed the same way in both reports."""
+    c = cmp.counts()
+    return [f"{n} result(s) {word} in both reports (same status; not listed above, see --format json)"
+            for n, word in ((c["errored_in_both"], "errored"), (c["unavailable_in_both"], "unavailable")) if n]
+
+
+def _unconfirmed(cmp: Comparison) -> list[str]:
+    rows = cmp.unconfirmed
+    if not rows:
+        return []
+    head = (f"UNCONFIRMED: {len(rows)} time change(s) past x{cmp.thresholds.time_ratio:g} that the samples cannot "
+            "test; they do not fail the gate. Rerun with more timed chunks (more --steps, or a smaller "
+            "--record-every) to confirm:")
+    return [head] + [safe_text(f"  {r.label}: {'; '.join(r.unconfirmed)}") for r in rows]
 
 
 def _finite(value):
@@ -321,21 +481,27 @@ def format_comparison(cmp: Comparison, fmt: str = "table", changed_only: bool = 
         raise PrecisionError(f"unknown output format {fmt!r}; valid choices: {', '.join(FORMATS)}")
     if fmt == "json":
         return json.dumps(_finite(cmp.to_dict()), indent=1, sort_keys=True, allow_nan=False)
-    rows = [r for r in cmp.rows if not (changed_only and r.verdict == "unchanged")]
+    rows = [r for r in cmp.rows if not (r.failed_in_both or (changed_only and r.verdict == "unchanged"))]
     cells = [tuple(map(safe_text, _cells(r))) for r in rows]
     env = [safe_text(f"environments differ: {change}") for change in cmp.environment_changes]
     if cmp.environment_note:
         env.append(cmp.environment_note)
+    notes = [safe_text(cmp.calibration_note)] + _collapsed(cmp)
+    unconfirmed = _unconfirmed(cmp)
     if fmt == "markdown":
         lines = [f"**precision compare**: {_summary(cmp)}", "", f"_{_criteria(cmp.thresholds)}_", ""]
-        lines += [f"> {line}" for line in env] + ([""] if env else [])
+        lines += [f"> {line}" for line in env + notes] + [""]
+        if unconfirmed:
+            lines += [f"**{_md_cell(unconfirmed[0])}**", ""]
+            lines += [f"- {_md_cell(line.strip())}" for line in unconfirmed[1:]] + [""]
         lines += ["| " + " | ".join(_HEADERS) + " |", "|" + "---|" * len(_HEADERS)]
         for row, c in zip(rows, cells):
-            verdict = f"**{c[-1]}**" if row.regressions else c[-1]
+            verdict = f"**{c[-1]}**" if row.regressions or row.unconfirmed else c[-1]
             lines.append("| " + " | ".join(map(_md_cell, [_md_code(c[0]), *c[1:-1], verdict])) + " |")
         return "\n".join(lines)
     widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(_HEADERS)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(_HEADERS, widths)).rstrip(),
              "  ".join("-" * w for w in widths)]
     lines += ["  ".join(v.ljust(w) for v, w in zip(c, widths)).rstrip() for c in cells]
-    return "\n".join(lines + [""] + env + [_criteria(cmp.thresholds), _summary(cmp)])
+    tail = env + notes + ([""] + unconfirmed + [""] if unconfirmed else [])
+    return "\n".join(lines + [""] + tail + [_criteria(cmp.thresholds), _summary(cmp)])

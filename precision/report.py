@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ._atomic import write_atomic
 from ._report_reader import read_report_data
+from .calibration import Calibration
 from .machine import numerics_environment
 
 __all__ = ["SCHEMA_VERSION", "Result", "Report", "environment", "write_json_atomic", "load_report",
@@ -75,10 +76,17 @@ class Report:
     results: tuple[Result, ...]
     environment: dict
     created: str = ""
+    # The calibration kernel timed in the same run (precision.calibration): what ``precision compare`` divides
+    # times by to cancel the machine's load. Optional (None in reports written before it existed, and then left
+    # out of the file), so schema version 1 still reads them.
+    calibration: Calibration | None = None
 
     def to_dict(self) -> dict:
-        return {"schema_version": SCHEMA_VERSION, "created": self.created, "environment": self.environment,
-                "results": [r.to_dict() for r in self.results]}
+        out = {"schema_version": SCHEMA_VERSION, "created": self.created, "environment": self.environment,
+               "results": [r.to_dict() for r in self.results]}
+        if self.calibration is not None:
+            out["calibration"] = self.calibration.to_dict()
+        return out
 
     def save(self, path: str | os.PathLike) -> Path:
         return write_json_atomic(path, self.to_dict())
@@ -100,7 +108,9 @@ def load_report(path: str | os.PathLike) -> Report:
     data = read_report_data(path, SCHEMA_VERSION)
     # The schema checked every key read here, so building the records cannot fail.
     results = tuple(Result.from_dict(r) for r in data["results"])
-    return Report(results=results, environment=data["environment"], created=data["created"])
+    calibration = Calibration.from_dict(data["calibration"]) if data.get("calibration") is not None else None
+    return Report(results=results, environment=data["environment"], created=data["created"],
+                  calibration=calibration)
 
 
 def _version(module: str) -> str | None:

@@ -14,6 +14,7 @@ import numpy as np
 
 from ._atomic import check_folder_target, write_atomic
 from .backends import backend_availability, get_backend
+from .calibration import Calibrator
 from .data import Dataset, make_dataset
 from .drift import compare, fingerprint
 from .errors import PrecisionError, SpecError
@@ -171,12 +172,17 @@ def run(specs: Iterable[RunSpec], progress: Callable[[int, int, RunSpec, Result]
     ids to results to reuse instead of running (``precision run --resume``). ``on_result(result)`` is called as
     each result is known, reused ones included, before ``progress(i, n, spec, result)``: the CLI checkpoints there,
     so a crash keeps what finished.
+
+    The report also holds the timings of a calibration kernel (precision.calibration), measured before the first
+    spec and after the last, which ``precision compare`` divides times by to cancel the machine's load.
     """
     specs = validate(specs, force=force)
     if save_params is not None:
         check_folder_target(save_params, "save_params")  # a file there would turn every result into an error
     finished = finished or {}
     cache = _Cache()
+    calibrator = Calibrator()
+    calibrator.measure()
     results = []
     for i, spec in enumerate(specs, 1):
         result = finished.get(spec.id) or run_one(spec, cache, Path(save_params) if save_params else None)
@@ -185,4 +191,6 @@ def run(specs: Iterable[RunSpec], progress: Callable[[int, int, RunSpec, Result]
             on_result(result)
         if progress is not None:
             progress(i, len(specs), spec, result)
-    return Report(results=tuple(results), environment=environment(), created=now_utc())
+    calibrator.measure()
+    return Report(results=tuple(results), environment=environment(), created=now_utc(),
+                  calibration=calibrator.result())

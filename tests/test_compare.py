@@ -1,4 +1,5 @@
-"""precision compare: matching by id, drift and fingerprint changes, time noise, statuses, outputs, exit codes."""
+"""precision compare: matching by id, drift and fingerprint changes, time noise, calibration, statuses, outputs,
+exit codes."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import sys
 import pytest
 
 from precision import build_specs, run
-from precision.compare import Thresholds, compare_reports, format_comparison, mann_whitney_p
+from precision.calibration import CALIBRATION_KERNEL, Calibration
+from precision.compare import (Thresholds, compare_reports, format_comparison, format_p, mann_whitney_p,
+                               smallest_p)
 from precision.errors import PrecisionError
 from precision.report import Report, load_report
 
@@ -138,12 +141,168 @@ def test_time_change_needs_to_leave_the_noise(base, new_times, flagged):
         assert row.time.p_value == pytest.approx(2 / math.comb(18, 9), rel=1e-12)
 
 
-def test_time_without_samples_is_judged_by_threshold_alone(base):
+def test_time_without_samples_is_unconfirmed_not_a_regression(base):
+    """No noise estimate: a change past the threshold is shown as UNCONFIRMED, and does not fail the gate."""
     old = _with_result(base, 0, dataclasses.replace(base.results[0], step_times_s=None, time_per_step_s=1.0))
     new = _with_result(base, 0, dataclasses.replace(base.results[0], step_times_s=None, time_per_step_s=1.2))
-    row = compare_reports(old, new).rows[0]
-    assert row.time.significant is None
-    assert row.regressions == ("slower x1.20 (noise unknown)",)
+    comparison = compare_reports(old, new)
+    row = comparison.rows[0]
+    assert row.time.significant is None and row.time.noise == "noise unknown"
+    assert row.regressions == () and row.unconfirmed == ("slower x1.20, noise unknown",)
+    assert row.verdict.startswith("UNCONFIRMED: slower x1.20")
+    assert comparison.counts()["unconfirmed"] == 1 and not comparison.regressions
+    assert "UNCONFIRMED: 1 time change(s) past x1.1" in format_comparison(comparison)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Calibration: times divided by each report's calibration median
+# ---------------------------------------------------------------------------------------------------------------
+
+def _hand_report(base: Report, samples, calibration_s: float | None, n_results: int = 1) -> Report:
+    """A report built by hand: ``n_results`` copies of base's first result (distinct ids) timed by ``samples``,
+    and a calibration whose every repeat took ``calibration_s`` (None: no calibration)."""
+    template = base.results[0]
+    results = tuple(_timed(dataclasses.replace(template, spec=dict(template.spec, id=f"{template.id}#{i}")),
+                           samples) for i in range(n_results))
+    calibration = None if calibration_s is None else Calibration(CALIBRATION_KERNEL, (calibration_s,) * 5)
+    return dataclasses.replace(base, results=results, calibration=calibration)
+
+
+def test_uniform_slowdown_is_normalised_away(tmp_path, base):
+    """Every time and the calibration 2x slower (a loaded machine): raw x2.00, normalised x1.00, exit 0."""
+    old = _hand_report(base, OLD_TIMES, 0.01)
+    new = _hand_report(base, tuple(2 * t for t in OLD_TIMES), 0.02)
+    comparison = compare_reports(old, new)
+    (row,) = comparison.rows
+    assert row.time.ratio == pytest.approx(2.0) and row.time.normalised_ratio == pytest.approx(1.0)
+    assert not row.regressions and not row.unconfirmed and row.verdict == "unchanged"
+    assert comparison.normalised and "10 ms old, 20 ms new (new/old x2.00" in comparison.calibration_note
+    table = format_comparison(comparison)
+    assert "x2.00" in table and "x1.00" in table
+    data = json.loads(format_comparison(comparison, "json"))
+    time = data["results"][0]["time"]
+    assert time["ratio"] == pytest.approx(2.0) and time["normalised_ratio"] == pytest.approx(1.0)
+    assert data["calibration"]["normalised"] is True and data["calibration"]["new"]["median_s"] == 0.02
+    markdown = format_comparison(comparison, "markdown")
+    assert "| x2.00 | x1.00 |" in markdown
+    proc = _cli(old.save(tmp_path / "old.json"), new.save(tmp_path / "new.json"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "times normalised by the calibration kernel" in proc.stdout
+
+
+def test_real_slowdown_is_still_flagged(tmp_path, base):
+    """Times 2x, the calibration the same: the code got slower."""
+    old = _hand_report(base, OLD_TIMES, 0.01)
+    new = _hand_report(base, tuple(2 * t for t in OLD_TIMES), 0.01)
+    (row,) = compare_reports(old, new).rows
+    assert row.time.normalised_ratio == pytest.approx(2.0) and row.time.significant is True
+    assert row.regressions == ("slower x2.00",)
+    assert _cli(old.save(tmp_path / "old.json"), new.save(tmp_path / "new.json")).returncode == 1
+
+
+def test_significance_is_tested_on_normalised_samples(base):
+    """New samples 1.5x the old (separated raw), calibration 1.5x too: normalised they are the same samples."""
+    old = _hand_report(base, OLD_TIMES, 0.01)
+    new = _hand_report(base, SLOW_TIMES, 0.015)
+    (row,) = compare_reports(old, new).rows
+    assert row.time.ratio == pytest.approx(1.5) and row.time.normalised_ratio == pytest.approx(1.0)
+    assert row.time.p_value > 0.5 and row.time.significant is False and not row.regressions
+
+
+@pytest.mark.parametrize("old_cal, new_cal", [(None, 0.01), (0.01, None), (None, None)])
+def test_without_calibration_the_raw_ratio_is_judged_and_said(base, old_cal, new_cal):
+    old = _hand_report(base, OLD_TIMES, old_cal)
+    new = _hand_report(base, SLOW_TIMES, new_cal)
+    comparison = compare_reports(old, new)
+    (row,) = comparison.rows
+    assert row.time.normalised_ratio is None and row.time.judged_ratio == pytest.approx(1.5)
+    assert row.regressions == ("slower x1.50 (not normalised)",)
+    assert "not normalised" in row.time.summary
+    assert comparison.calibration_note.startswith("times not normalised: ")
+    assert "not normalised" in format_comparison(comparison)
+
+
+def test_other_calibration_kernel_is_not_normalised(base):
+    old = _hand_report(base, OLD_TIMES, 0.01)
+    new = _hand_report(base, OLD_TIMES, 0.02)
+    new = dataclasses.replace(new, calibration=Calibration("another-kernel", (0.02,)))
+    comparison = compare_reports(old, new)
+    assert not comparison.normalised and "kernels differ" in comparison.calibration_note
+    assert comparison.rows[0].time.normalised_ratio is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Samples too few to test; results failed in both; p-values
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_smallest_p_says_which_sample_sizes_can_be_tested():
+    assert smallest_p(2, 2) == pytest.approx(1 / 3)  # 2 / C(4, 2)
+    assert smallest_p(3, 3) == pytest.approx(0.1)
+    assert smallest_p(3, 4) == pytest.approx(2 / 35) and smallest_p(3, 4) > 0.05
+    assert smallest_p(4, 4) == pytest.approx(2 / 70) and smallest_p(4, 4) < 0.05
+
+
+@pytest.mark.parametrize("old_us, new_us", [(537.0, 122.0), (122.0, 537.0)])
+def test_untestable_samples_say_so_and_do_not_fail(tmp_path, base, old_us, new_us):
+    """The measured case: 537 -> 122 us with 2 timed chunks a side. No ordering of 2 + 2 samples reaches
+    p < 0.05 (the best is 0.333), so the change is shown as UNCONFIRMED, never as "not significant"."""
+    old = _hand_report(base, (old_us * 1e-6, old_us * 1.01e-6), 0.01)
+    new = _hand_report(base, (new_us * 1e-6, new_us * 1.01e-6), 0.01)
+    comparison = compare_reports(old, new)
+    (row,) = comparison.rows
+    assert row.time.testable is False and row.time.significant is None
+    assert row.time.p_value == pytest.approx(1 / 3)
+    assert row.time.noise.startswith("too few samples to test (n=2+2, best possible p=0.333)")
+    assert not row.regressions and not row.improvements
+    word = "slower" if new_us > old_us else "faster"
+    assert row.unconfirmed[0].startswith(f"{word} x{new_us / old_us:.2f}, too few samples to test")
+    table = format_comparison(comparison)
+    assert "not significant" not in table and "too few samples to test (n=2+2, best possible p=0.333)" in table
+    assert "UNCONFIRMED: 1 time change(s)" in table
+    assert "**UNCONFIRMED" in format_comparison(comparison, "markdown")
+    proc = _cli(old.save(tmp_path / "old.json"), new.save(tmp_path / "new.json"))
+    assert proc.returncode == 0 and "UNCONFIRMED" in proc.stdout
+
+
+def test_results_failed_in_both_collapse_into_one_line(base):
+    errored = _hand_report(base, OLD_TIMES, 0.01, n_results=24)
+    errored = dataclasses.replace(errored, results=tuple(
+        dataclasses.replace(r, status="error", message="boom", time_per_step_s=None, step_times_s=None,
+                            fingerprint=None, bits_of_agreement=None) for r in errored.results))
+    unavailable = dataclasses.replace(errored.results[0], spec=dict(errored.results[0].spec, id="u"),
+                                      status="unavailable")
+    ok = base.results[0]
+    old = dataclasses.replace(errored, results=(ok, unavailable, *errored.results))
+    comparison = compare_reports(old, old)
+    counts = comparison.counts()
+    assert counts["errored_in_both"] == 24 and counts["unavailable_in_both"] == 1 and counts["unchanged"] == 1
+    table = format_comparison(comparison)
+    assert "24 result(s) errored in both reports" in table and "1 result(s) unavailable in both reports" in table
+    assert table.count("#") == 0 and "boom" not in table  # none of the 24 has a row
+    assert "24 result(s) errored in both reports" in format_comparison(comparison, "markdown")
+    assert "24 result(s) errored in both" in format_comparison(comparison, changed_only=True)
+    data = json.loads(format_comparison(comparison, "json"))
+    assert len(data["results"]) == 26
+    assert sum(r["verdict"] == "error in both" for r in data["results"]) == 24
+    # An error on one side only is not collapsed: it is a regression with its own row.
+    new = dataclasses.replace(old, results=(dataclasses.replace(ok, status="error", message="new failure"),
+                                            *old.results[1:]))
+    assert "ok -> error" in format_comparison(compare_reports(old, new))
+
+
+@pytest.mark.parametrize("p, text", [(0.0504, "0.0504"), (0.04996, "0.04996"), (0.050004, "0.050004"),
+                                     (0.05, "0.05"), (1 / 3, "0.333"), (2 / 48620, "4.11e-05"), (1.0, "1"),
+                                     (None, "-")])
+def test_p_values_keep_their_side_of_the_significance_level(p, text):
+    assert format_p(p) == text
+
+
+def test_p_value_column_has_three_digits(base):
+    old = _with_result(base, 0, _timed(base.results[0], OLD_TIMES))
+    new = _with_result(base, 0, _timed(base.results[0], NOISE_TIMES))
+    comparison = compare_reports(old, new)
+    p = comparison.rows[0].time.p_value
+    assert format_p(p) in format_comparison(comparison) and len(format_p(p).lstrip("0.")) == 3
 
 
 def test_status_changes_and_added_removed(base):
@@ -209,19 +368,30 @@ def test_bad_input_exits_2_with_one_line(tmp_path, base, content, message):
     assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr
 
 
-@pytest.mark.parametrize("option, value", [("--time-threshold", "0.9"), ("--time-threshold", "nan"),
-                                           ("--bits-threshold", "-1"), ("--format", "html")])
-def test_bad_options_exit_2_with_one_line(tmp_path, base, option, value):
+TIME_RANGE = "must be a finite ratio > 1 (e.g. 1.10 = 10% slower)"
+BITS_RANGE = "must be a finite number of bits >= 0 (e.g. 0.5)"
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--time-threshold", "1.0", f"time threshold '1.0' is out of range: {TIME_RANGE}"),
+    ("--time-threshold", "0.9", f"time threshold '0.9' is out of range: {TIME_RANGE}"),
+    ("--time-threshold", "nan", f"time threshold 'nan' is out of range: {TIME_RANGE}"),
+    ("--time-threshold", "fast", f"time threshold 'fast' is not a number: {TIME_RANGE}"),
+    ("--bits-threshold", "-1", f"bits threshold '-1' is out of range: {BITS_RANGE}"),
+    ("--bits-threshold", "inf", f"bits threshold 'inf' is out of range: {BITS_RANGE}"),
+    ("--format", "html", "invalid choice: 'html'"),
+])
+def test_bad_options_exit_2_with_one_line_naming_the_range(tmp_path, base, option, value, message):
     good = base.save(tmp_path / "good.json")
     proc = _cli(good, good, option, value)
-    assert proc.returncode == 2
-    assert len(proc.stderr.strip().splitlines()) == 1 and option in proc.stderr
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert len(proc.stderr.strip().splitlines()) == 1 and option in proc.stderr and message in proc.stderr
 
 
 def test_thresholds_reject_bad_values():
-    with pytest.raises(PrecisionError, match="ratio > 1"):
+    with pytest.raises(PrecisionError, match=r"time threshold 1\.0 is out of range: must be a finite ratio > 1"):
         Thresholds(time_ratio=1.0)
-    with pytest.raises(PrecisionError, match="bits >= 0"):
+    with pytest.raises(PrecisionError, match="bits threshold -0.1 is out of range: must be a finite number of bits"):
         Thresholds(bits=-0.1)
 
 
