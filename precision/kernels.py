@@ -6,6 +6,15 @@ optimizer state and arithmetic all in the storage format) at step ``KERNEL_STEP`
 (out of place, as optax does): the inputs are never written, so every timed repeat does the same work on the
 same data. The buffers are made once, from a seed, when the case is built.
 
+Every case times a finite update. The inputs are one block of ``KERNEL_BLOCK`` seeded values at the scales of a
+mid-training step, repeated to length N, so every N holds the same element tuples and the update (elementwise in
+every backend) is finite at every N exactly when it is finite on the block (tests/test_benchcases.py checks the
+block on every backend). Adam uses ``eps = KERNEL_ADAM_EPS`` = 1e-4 in every format instead of the default 1e-8:
+1e-8 rounds to 0 in fp16 (its smallest subnormal is 6e-8), and then an element whose v and g^2 underflow divides
+0 by 0, so numpy fp16 Adam at N = 1e7 timed an update with ~1,000 NaN (and divide-by-zero warnings). 1e-4 is a
+normal fp16 number (>= 2^-14) and the eps commonly used for fp16 Adam; the same eps in every format keeps the
+formats' times comparable (same arithmetic, same data).
+
 Backends:
 
 * ``numpy``: :func:`precision.backends.numpy_backend.update.update` on float64 / float32 / float16 / ml_dtypes
@@ -33,14 +42,16 @@ from .errors import choice_error
 from .formats import FORMATS, Format, to_format
 from .optim import OptimizerSpec, make_optimizer, scalar_table
 
-__all__ = ["KERNEL_BACKENDS", "KERNEL_OPTIMIZERS", "KERNEL_FORMATS", "KERNEL_SIZES", "KERNEL_STEP", "UpdateCase",
-           "update_case", "kernel_skip_reason", "bytes_per_step"]
+__all__ = ["KERNEL_BACKENDS", "KERNEL_OPTIMIZERS", "KERNEL_FORMATS", "KERNEL_SIZES", "KERNEL_STEP", "KERNEL_BLOCK",
+           "KERNEL_ADAM_EPS", "UpdateCase", "update_case", "kernel_skip_reason", "bytes_per_step"]
 
 KERNEL_BACKENDS = ("numpy", "numba", "jax", "memory-reference")
 KERNEL_OPTIMIZERS = ("adam", "sgd")
 KERNEL_FORMATS = ("fp64", "fp32", "fp16", "bf16")
 KERNEL_SIZES = (10**4, 10**5, 10**6, 10**7)
 KERNEL_STEP = 10  # past step 1: SGD's momentum buffer is in use, Adam's bias corrections are not trivial
+KERNEL_BLOCK = 10**4  # the inputs repeat with this period: it divides every N in KERNEL_SIZES
+KERNEL_ADAM_EPS = 1e-4  # representable (normal) in fp16, where the default 1e-8 rounds to 0: see the module doc
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -81,16 +92,19 @@ def kernel_skip_reason(backend: str, optimizer: str, storage: str) -> str | None
 
 
 def _optimizer(name: str) -> OptimizerSpec:
-    return make_optimizer("adam") if name == "adam" else make_optimizer("sgd", momentum=0.9)
+    return make_optimizer("adam", eps=KERNEL_ADAM_EPS) if name == "adam" else make_optimizer("sgd", momentum=0.9)
 
 
 def _inputs(fmt: Format, n: int, seed: int) -> list[np.ndarray]:
-    """p, g, m, v in the storage dtype: the scales of a mid-training step (v >= 0)."""
+    """p, g, m, v in the storage dtype: the scales of a mid-training step (v >= 0), one KERNEL_BLOCK of seeded
+    values repeated to length n (so the block's update is every n's update, element for element)."""
+    if n % KERNEL_BLOCK:
+        raise ValueError(f"kernel case size {n} is not a multiple of KERNEL_BLOCK = {KERNEL_BLOCK}")
     rng = np.random.default_rng(seed)
     scales = (0.5, 1e-2, 1e-3, 1e-4)
-    values = [rng.standard_normal(n) * s for s in scales]
+    values = [rng.standard_normal(KERNEL_BLOCK) * s for s in scales]
     values[3] = np.abs(values[3])
-    return [np.ascontiguousarray(to_format(v, fmt)) for v in values]
+    return [np.ascontiguousarray(np.tile(to_format(v, fmt), n // KERNEL_BLOCK)) for v in values]
 
 
 def update_case(backend: str, optimizer: str, storage: str, n: int, seed: int = 0) -> UpdateCase:

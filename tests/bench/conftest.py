@@ -8,10 +8,18 @@ It runs when ``--bench`` is given or when a path inside tests/bench is named on 
 Otherwise (a plain ``python -m pytest``) its tests are deselected, so they are neither run nor reported as
 skipped-but-covered. Every test in this folder also gets the ``bench`` marker, so ``-m bench`` / ``-m "not
 bench"`` select them too.
+
+A regression gate (``--benchmark-compare=0001 --benchmark-compare-fail=...``) ends with a message and an exit
+status, never a traceback: pytest-benchmark 5.3 raises its PerformanceRegression out of its terminal-summary hook
+(pytest then prints a Python traceback, skips the summary line, exit status 1), and with no saved run matching
+``--benchmark-compare`` it warns at configure time, which the project's ``filterwarnings = error`` turns into an
+INTERNALERROR (exit status 3). Here: a regression ends as "FAILED: the regression gate ..." with exit status 1; no
+run to compare with, as an ERROR line with exit status 4 (usage error).
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -43,3 +51,48 @@ def pytest_collection_modifyitems(config, items):
     selected = set(map(id, bench_items))
     config.hook.pytest_deselected(items=bench_items)
     items[:] = [item for item in items if id(item) not in selected]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    """``--benchmark-compare=NNNN`` naming no saved run makes pytest-benchmark warn in its (trylast) configure, and
+    the project's ``filterwarnings = error`` turns that warning into an INTERNALERROR traceback. Shown as a
+    warning instead, the run goes on to the gate, which then stops with a usage error (exit status 4)."""
+    try:
+        from pytest_benchmark.logger import PytestBenchmarkWarning
+    except ImportError:
+        return
+    warnings.filterwarnings("always", category=PytestBenchmarkWarning)
+
+
+_session = None
+
+
+def pytest_collection_finish(session):
+    global _session
+    _session = session
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_terminal_summary(terminalreporter):
+    try:
+        from pytest_benchmark.session import PerformanceRegression
+    except ImportError:  # pytest-benchmark not installed: nothing to catch
+        return (yield)
+    bs = getattr(terminalreporter.config, "_benchmarksession", None)
+    if getattr(bs, "compare_fail", None) and not getattr(bs, "compared_mapping", True):
+        # no saved run to compare with (warned above): pytest-benchmark would raise a UsageError after printing
+        # its traceback; report it here and let the tables show
+        bs.compare_fail = []
+        terminalreporter.write_line("ERROR: --benchmark-compare-fail needs a saved run to compare with: none matched "
+                                    "--benchmark-compare (saved runs: pytest-benchmark list)", red=True, bold=True)
+        if _session is not None:
+            _session.exitstatus = pytest.ExitCode.USAGE_ERROR
+    try:
+        return (yield)
+    except PerformanceRegression:
+        # pytest-benchmark has listed the failing comparisons just above
+        terminalreporter.write_line("FAILED: the regression gate (--benchmark-compare-fail) fired, see above",
+                                    red=True, bold=True)
+        if _session is not None and _session.exitstatus == pytest.ExitCode.OK:
+            _session.exitstatus = pytest.ExitCode.TESTS_FAILED
