@@ -16,25 +16,19 @@ The library returns a :class:`Comparison`; only the CLI prints it and sets the e
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import re
-from typing import Sequence
 
-from ._terminal import safe_text
+from ._mannwhitney import SIGNIFICANCE_LEVEL, format_p, mann_whitney_p, smallest_p
 from .envdiff import environment_differences
 from .errors import PrecisionError
 from .calibration import Calibration
-from .report import Report, Result, finite_or_none
+from .report import Report, Result
 
 __all__ = ["Thresholds", "TimeChange", "Row", "Comparison", "compare_reports", "mann_whitney_p", "smallest_p",
            "format_p", "format_comparison", "FORMATS", "SIGNIFICANCE_LEVEL", "TIME_THRESHOLD_RANGE",
            "BITS_THRESHOLD_RANGE"]
 
-SIGNIFICANCE_LEVEL = 0.05
-FORMATS = ("table", "markdown", "json")
 _STATUS_RANK = {"ok": 0, "diverged": 1, "error": 2}  # "unavailable" is not comparable either way
-_EXACT_MAX_SAMPLES = 60  # n1 + n2 up to which the U distribution is computed exactly (integers, instant)
 TIME_THRESHOLD_RANGE = "must be a finite ratio > 1 (e.g. 1.10 = 10% slower)"
 BITS_THRESHOLD_RANGE = "must be a finite number of bits >= 0 (e.g. 0.5)"
 _FAILED_IN_BOTH = {"error": "errored", "unavailable": "unavailable"}  # same status in both: one summary line
@@ -55,77 +49,6 @@ class Thresholds:
             raise PrecisionError(f"time threshold {self.time_ratio!r} is out of range: {TIME_THRESHOLD_RANGE}")
         if not (math.isfinite(self.bits) and self.bits >= 0.0):
             raise PrecisionError(f"bits threshold {self.bits!r} is out of range: {BITS_THRESHOLD_RANGE}")
-
-
-def mann_whitney_p(x: Sequence[float], y: Sequence[float]) -> float:
-    """Two-sided p-value of the Mann-Whitney U test that ``x`` and ``y`` come from the same distribution.
-
-    Exact (the U distribution counted with integers, as the coefficients of the Gaussian binomial
-    [n1+n2 choose n1]_q) when there are no ties and n1 + n2 <= 60; otherwise the normal approximation with tie
-    and continuity corrections. Same conventions as ``scipy.stats.mannwhitneyu``.
-    """
-    n1, n2 = len(x), len(y)
-    if n1 == 0 or n2 == 0:
-        raise PrecisionError("the Mann-Whitney test needs at least one sample on each side")
-    combined = sorted([(v, 0) for v in x] + [(v, 1) for v in y])
-    ranks, ties, i = [0.0] * len(combined), [], 0
-    while i < len(combined):  # midranks over runs of equal values
-        j = i
-        while j + 1 < len(combined) and combined[j + 1][0] == combined[i][0]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[k] = (i + j) / 2 + 1
-        if j > i:
-            ties.append(j - i + 1)
-        i = j + 1
-    u1 = sum(r for r, (_, side) in zip(ranks, combined) if side == 0) - n1 * (n1 + 1) / 2
-    u = max(u1, n1 * n2 - u1)  # by symmetry, P(U >= max) is the one-sided tail that doubles to two-sided
-    if not ties and n1 + n2 <= _EXACT_MAX_SAMPLES:
-        counts = _u_counts(n1, n2)
-        tail = sum(counts[int(u):])
-        return min(1.0, 2.0 * tail / sum(counts))
-    n = n1 + n2
-    tie_term = sum(t**3 - t for t in ties) / (n * (n - 1))
-    sigma = math.sqrt(n1 * n2 / 12.0 * ((n + 1) - tie_term))
-    if sigma == 0.0:
-        return 1.0  # every sample equal: nothing separates them
-    z = (u - n1 * n2 / 2.0 - 0.5) / sigma
-    return min(1.0, math.erfc(max(z, 0.0) / math.sqrt(2.0)))
-
-
-def smallest_p(n1: int, n2: int) -> float:
-    """The smallest two-sided p-value :func:`mann_whitney_p` can give for samples of sizes ``n1`` and ``n2``
-    (every sample of one side below every sample of the other, no ties). When it is not below
-    SIGNIFICANCE_LEVEL the test cannot find any change, however large: 2 / C(n1 + n2, n1) when exact, so n1 = n2 = 2
-    gives 0.333, 3 and 3 give 0.1, 3 and 4 give 0.057, 4 and 4 give 0.029."""
-    return mann_whitney_p(range(n1), range(n1, n1 + n2))
-
-
-def format_p(p: float | None) -> str:
-    """``p`` with 3 significant digits, or more where 3 would put it on the other side of SIGNIFICANCE_LEVEL or
-    on it (0.0504 prints as 0.0504, 0.04996 as 0.04996, never as 0.05)."""
-    if p is None:
-        return "-"
-    below = p < SIGNIFICANCE_LEVEL
-    for digits in range(3, 18):
-        text = f"{p:.{digits}g}"
-        shown = float(text)
-        if (shown < SIGNIFICANCE_LEVEL) == below and (shown != SIGNIFICANCE_LEVEL or p == SIGNIFICANCE_LEVEL):
-            return text
-    return repr(p)
-
-
-def _u_counts(n1: int, n2: int) -> list[int]:
-    """counts[u] = number of orderings of n1 x's and n2 y's with U = u: the coefficients of
-    prod_{k=1..n1} (1 - q^(n2+k)) / (1 - q^k), computed exactly in integers."""
-    degree = n1 * n2
-    coeffs = [1] + [0] * degree
-    for k in range(1, n1 + 1):
-        for i in range(degree, n2 + k - 1, -1):  # times (1 - q^(n2+k)), highest power first
-            coeffs[i] -= coeffs[i - n2 - k]
-        for i in range(k, degree + 1):  # divided by (1 - q^k): a running sum with stride k (exact division)
-            coeffs[i] += coeffs[i - k]
-    return coeffs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -397,111 +320,4 @@ def compare_reports(old: Report, new: Report, thresholds: Thresholds = Threshold
                       old.calibration, new.calibration)
 
 
-def _num(x, fmt: str) -> str:
-    return "-" if x is None else format(x, fmt)
-
-
-def _ratio(x: float | None) -> str:
-    return "-" if x is None else f"x{x:.2f}"
-
-
-def _cells(row: Row) -> tuple[str, ...]:
-    t = row.time
-    return (row.label, _num(t and t.old_s * 1e6, ".1f"), _num(t and t.new_s * 1e6, ".1f"),
-            _ratio(t and t.ratio), _ratio(t and t.normalised_ratio), t.summary if t else "-",
-            format_p(t and t.p_value), _num(row.old_bits, ".2f"),
-            _num(row.new_bits, ".2f"), _num(row.bits_delta, "+.2f"),
-            {True: "changed", False: "same", None: "-"}[row.fingerprint_changed], row.verdict)
-
-
-_HEADERS = ("case", "old us/step", "new us/step", "raw ratio", "normalised", "time test", "p", "old bits", "new bits",
-            "delta bits", "fingerprint", "verdict")
-
-
-def _summary(cmp: Comparison) -> str:
-    c = cmp.counts()
-    return (f"{c['regressions']} regressions, {c['improvements']} improvements, {c['unconfirmed']} unconfirmed, "
-            f"{c['numerics_changed']} with numerics changed, {c['unchanged']} unchanged, {c['errored_in_both']} "
-            f"errored in both, {c['unavailable_in_both']} unavailable in both, {c['added']} added, "
-            f"{c['removed']} removed")
-
-
-def _criteria(th: Thresholds) -> str:
-    text = (f"regression: slower than x{th.time_ratio:g} (time per step normalised by the calibration kernel when "
-            f"both reports have one) with p < {SIGNIFICANCE_LEVEL:g} (Mann-Whitney U on normalised per-chunk step "
-            f"times), or more than {th.bits:g} bits of agreement lost, or ok -> diverged/error")
-    text += ", or any fingerprint change" if th.fingerprint else ""
-    return text + ("; a time change past the threshold that the samples cannot test is UNCONFIRMED and does not "
-                   "fail (docs/compare.md)")
-
-
-def _collapsed(cmp: Comparison) -> list[str]:
-    """One line per status for the results that failed the same way in both reports."""
-    c = cmp.counts()
-    return [f"{n} result(s) {word} in both reports (same status; not listed above, see --format json)"
-            for n, word in ((c["errored_in_both"], "errored"), (c["unavailable_in_both"], "unavailable")) if n]
-
-
-def _unconfirmed(cmp: Comparison) -> list[str]:
-    rows = cmp.unconfirmed
-    if not rows:
-        return []
-    head = (f"UNCONFIRMED: {len(rows)} time change(s) past x{cmp.thresholds.time_ratio:g} that the samples cannot "
-            "test; they do not fail the gate. Rerun with more timed chunks (more --steps, or a smaller "
-            "--record-every) to confirm:")
-    return [head] + [safe_text(f"  {r.label}: {'; '.join(r.unconfirmed)}") for r in rows]
-
-
-def _finite(value):
-    """``value`` with every float that is not finite replaced by None. JSON has no inf, and a ratio or a delta of
-    two finite numbers can still overflow (times of 1e-320 and 1e300 s, in a hand-made report)."""
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return finite_or_none(value)
-
-
-def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|")  # a bare pipe would end the cell (GitHub tables: also inside code spans)
-
-
-def _md_code(text: str) -> str:
-    """``text`` as a markdown code span: fenced by more backticks than any run of them inside it."""
-    fence = "`" * (max(map(len, re.findall("`+", text)), default=0) + 1)
-    pad = " " if text[:1] == "`" or text[-1:] == "`" else ""
-    return f"{fence}{pad}{text}{pad}{fence}"
-
-
-def format_comparison(cmp: Comparison, fmt: str = "table", changed_only: bool = False) -> str:
-    """The comparison as a text table, markdown or JSON. Text from the reports (labels, statuses, environment
-    values) is escaped in the table and markdown (precision/_terminal.py: no control character of a report
-    reaches the terminal); json.dumps escapes it in JSON."""
-    if fmt not in FORMATS:
-        raise PrecisionError(f"unknown output format {fmt!r}; valid choices: {', '.join(FORMATS)}")
-    if fmt == "json":
-        return json.dumps(_finite(cmp.to_dict()), indent=1, sort_keys=True, allow_nan=False)
-    rows = [r for r in cmp.rows if not (r.failed_in_both or (changed_only and r.verdict == "unchanged"))]
-    cells = [tuple(map(safe_text, _cells(r))) for r in rows]
-    env = [safe_text(f"environments differ: {change}") for change in cmp.environment_changes]
-    if cmp.environment_note:
-        env.append(cmp.environment_note)
-    notes = [safe_text(cmp.calibration_note)] + _collapsed(cmp)
-    unconfirmed = _unconfirmed(cmp)
-    if fmt == "markdown":
-        lines = [f"**precision compare**: {_summary(cmp)}", "", f"_{_criteria(cmp.thresholds)}_", ""]
-        lines += [f"> {line}" for line in env + notes] + [""]
-        if unconfirmed:
-            lines += [f"**{_md_cell(unconfirmed[0])}**", ""]
-            lines += [f"- {_md_cell(line.strip())}" for line in unconfirmed[1:]] + [""]
-        lines += ["| " + " | ".join(_HEADERS) + " |", "|" + "---|" * len(_HEADERS)]
-        for row, c in zip(rows, cells):
-            verdict = f"**{c[-1]}**" if row.regressions or row.unconfirmed else c[-1]
-            lines.append("| " + " | ".join(map(_md_cell, [_md_code(c[0]), *c[1:-1], verdict])) + " |")
-        return "\n".join(lines)
-    widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(_HEADERS)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(_HEADERS, widths)).rstrip(),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(c, widths)).rstrip() for c in cells]
-    tail = env + notes + ([""] + unconfirmed + [""] if unconfirmed else [])
-    return "\n".join(lines + [""] + tail + [_criteria(cmp.thresholds), _summary(cmp)])
+from ._compare_format import FORMATS, format_comparison  # noqa: E402  (printing lives apart; re-exported)
