@@ -41,9 +41,10 @@ def _flatten(env: dict) -> dict[str, str]:
     # Settings: an unset variable is a value too ("unset"), so setting XLA_FLAGS shows as a difference.
     for name, value in (numerics.get("env") or {}).items():
         out[f"numerics.env.{name}"] = str(value)
-    for i, lib in enumerate(numerics.get("blas") or ()):
-        label = lib.get("internal_api", i) if isinstance(lib, dict) else i
-        out[f"numerics.blas.{label}"] = json.dumps(lib, sort_keys=True)
+    # The loaded BLAS/OpenMP libraries as one sorted list: several can share a name (numpy's and scipy's OpenBLAS),
+    # and their load order says nothing about numerics.
+    libs = numerics.get("blas") or []
+    out["numerics.blas"] = json.dumps(sorted(json.dumps(lib, sort_keys=True) for lib in libs))
     return out
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import platform
 
@@ -116,7 +117,10 @@ def blas_info() -> list[dict]:
         return []
     import numpy  # noqa: F401  (loads numpy's BLAS, so that threadpoolctl sees it)
     keys = ("user_api", "internal_api", "version", "architecture", "num_threads", "threading_layer")
-    return [{k: info.get(k) for k in keys} for info in threadpoolctl.threadpool_info()]
+    libs = [{k: info.get(k) for k in keys} for info in threadpoolctl.threadpool_info()]
+    # Sorted: the load order varies with what imported first (numpy's and scipy's OpenBLAS both appear), and the
+    # record must not differ between two runs of the same environment.
+    return sorted(libs, key=lambda lib: json.dumps(lib, sort_keys=True))
 
 
 def numerics_environment() -> dict:
