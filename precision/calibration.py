@@ -18,11 +18,14 @@ import dataclasses
 import statistics
 import time
 
-__all__ = ["Calibration", "Calibrator", "CALIBRATION_KERNEL", "CALIBRATION_N", "REPEATS_PER_PHASE", "calibrate"]
+__all__ = ["Calibration", "Calibrator", "CALIBRATION_KERNEL", "CALIBRATION_N", "CALIBRATION_BYTES", "REPEATS_PER_PHASE", "calibrate"]
 
 CALIBRATION_N = 1_000_000
 CALIBRATION_KERNEL = "numpy-adam-fp32-out-of-place-n=1e6"
 REPEATS_PER_PHASE = 5
+# Memory the calibrator holds while a run() lasts: 8 float32 arrays of CALIBRATION_N, plus up to 4 temporaries
+# while its inputs are drawn and scaled (precision.matrix adds it to every grid's memory estimate).
+CALIBRATION_BYTES = 12 * CALIBRATION_N * 4
 
 # Adam at step 10 with the usual hyperparameters (the scalars only set the values; the work is the same).
 _LR, _B1, _B2, _EPS, _STEP = 1e-3, 0.9, 0.999, 1e-8, 10

@@ -8,6 +8,7 @@ import importlib.util
 import itertools
 from typing import Iterable
 
+from .calibration import CALIBRATION_BYTES
 from .backends import BACKENDS, backend_availability
 from .data import DATA_SETS, classes_for, fit_error, split_sizes
 from .errors import SpecError
@@ -178,7 +179,8 @@ def _estimate(costs: list[_Cost], steps: int | None = None) -> GridEstimate:
     return GridEstimate(
         runs=len(costs) + len(references), steps=total_steps + sum(n for _, n, _ in references.values()),
         work=work + sum(w for _, _, w in references.values()),
-        memory_bytes=sum(datasets.values()) + schedule_bytes + held_references + results + in_flight,
+        memory_bytes=(sum(datasets.values()) + schedule_bytes + held_references + results + in_flight
+                      + CALIBRATION_BYTES),  # run() times its calibration kernel too
         schedule_bytes=schedule_bytes, trajectory_bytes=held_references + in_flight_trajectory,
         report_bytes=report)
 

@@ -247,9 +247,11 @@ def test_default_matrix_and_readme_examples_pass_with_a_wide_margin():
         "readme-compare": build_specs(["mlp"], ["sgd", "adam"], ["fp32", "bf16-mixed", "fp16-mixed", "bf16"],
                                       backends=["numpy", "numba", "jax"], data=["digits"]),
     }
+    # At least 20x below every limit. Memory is the tightest: the calibration kernel every run() times holds a
+    # fixed 48 MB (precision.calibration.CALIBRATION_BYTES), most of the default matrix's ~52 MB estimate.
     for name, specs in grids.items():
         e = estimate_grid(specs)
-        assert e.memory_bytes * 100 < MEMORY_LIMIT and e.work * 100 < WORK_LIMIT, (name, e)
+        assert e.memory_bytes * 20 < MEMORY_LIMIT and e.work * 100 < WORK_LIMIT, (name, e)
         assert e.report_bytes * 100 < REPORT_LIMIT, (name, e)
 
 
