@@ -5,9 +5,9 @@ step times, tested with a two-sided Mann-Whitney U test) and called "not signifi
 the samples do not separate; drift is deterministic on a given machine, so any change in bits of agreement is
 real and only the threshold decides; a changed fingerprint means the numerics moved, even by one bit.
 
-Times are first divided by each report's calibration median (precision.calibration: a fixed kernel timed in the
-same run), so a machine that was uniformly slower during one run (load from other processes) does not read as
-slower code. A time change past the threshold whose samples are too few for the test to ever reach significance
+Times are also divided by each report's calibration median (precision.calibration: a fixed kernel timed in the
+same run), and a slowdown counts only when the raw and the normalised ratio both show it, so a machine that was
+slower (or faster) during one run does not read as slower code. A time change past the threshold whose samples are too few for the test to ever reach significance
 is reported as "unconfirmed" and does not fail the gate. docs/compare.md has the rules.
 
 The library returns a :class:`Comparison`; only the CLI prints it and sets the exit status.
@@ -40,7 +40,9 @@ class Thresholds:
     significant) is a slowdown; ``bits``: bits of agreement lost beyond it; ``fingerprint``: any change of the
     final params' bits is a regression (for refactors meant to be bit-exact)."""
 
-    time_ratio: float = 1.10
+    # 1.5: two runs of one commit 30 minutes apart on the shared 2-core development machine (AMD EPYC, a CI run
+    # beside them) differed by up to x1.43 in time per step, in both the raw and the normalised ratio (docs/compare.md).
+    time_ratio: float = 1.50
     bits: float = 0.5
     fingerprint: bool = False
 
@@ -71,8 +73,22 @@ class TimeChange:
 
     @property
     def judged_ratio(self) -> float:
-        """The ratio the gate judges: the normalised one when there is one, else the raw one."""
-        return self.ratio if self.normalised_ratio is None else self.normalised_ratio
+        """The ratio the gate judges: the raw one without calibration; with it, the more conservative of the raw
+        and the normalised one (the one nearer 1 when both point the same way; 1 when they disagree).
+
+        Why both: the calibration kernel (memory-bound, 1e6 values) reacts to machine load more strongly than the
+        suite's small training steps. Measured on a shared 2-core AMD EPYC, one commit's default matrix 30 minutes
+        apart: calibration 14.4 ms under heavy load, 5.5 ms under light load; raw step times x0.42, so the
+        normalised ratios read up to x3.8 "slower" in 28 of 60 results. Load then cancels in neither ratio alone,
+        but a real slowdown of the code shows in both."""
+        raw, norm = self.ratio, self.normalised_ratio
+        if norm is None:
+            return raw
+        if raw > 1.0 and norm > 1.0:
+            return min(raw, norm)
+        if raw < 1.0 and norm < 1.0:
+            return max(raw, norm)
+        return 1.0
 
     @property
     def noise(self) -> str:

@@ -41,7 +41,7 @@ def add_parser(sub):
     p.add_argument("--time-threshold", type=_number("time threshold", lambda v: v > 1.0, TIME_THRESHOLD_RANGE),
                    default=_DEFAULTS.time_ratio, metavar="RATIO",
                    help=f"new/old time per step (normalised) above which a significant change is a regression "
-                   f"(default {_DEFAULTS.time_ratio:g}, i.e. 10%% slower; must be > 1)")
+                   f"(default {_DEFAULTS.time_ratio:g}, i.e. 50%% slower; must be > 1)")
     p.add_argument("--bits-threshold", type=_number("bits threshold", lambda v: v >= 0.0, BITS_THRESHOLD_RANGE),
                    default=_DEFAULTS.bits, metavar="BITS",
                    help=f"bits of agreement lost above which it is a regression (default {_DEFAULTS.bits:g})")
