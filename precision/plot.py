@@ -40,7 +40,7 @@ from ._terminal import clip
 from .errors import PrecisionError
 from .report import Report, Result
 
-__all__ = ["plot_report", "figures", "SUFFIXES", "policy_color"]
+__all__ = ["plot_report", "figures", "figure_paths", "FIGURE_NAMES", "SUFFIXES", "policy_color"]
 
 # --- the drift figure -------------------------------------------------------------------------------------------
 
@@ -247,14 +247,20 @@ def _save_atomic(fig, path: Path) -> Path:
     return write_atomic(path, lambda tmp: fig.savefig(tmp, format=path.suffix[1:], metadata=metadata))
 
 
+FIGURE_NAMES = ("drift", "tradeoff")  # the keys of figures(); each is written as <prefix>-<name><suffix>
+
+
+def figure_paths(out_prefix: str | os.PathLike) -> dict[tuple[str, str], Path]:
+    """The files :func:`plot_report` writes for ``out_prefix``, keyed by (figure name, suffix) (precision run
+    checks them before training)."""
+    prefix = Path(out_prefix)
+    return {(name, suffix): prefix.with_name(f"{prefix.name}-{name}{suffix}")
+            for name in FIGURE_NAMES for suffix in SUFFIXES}
+
+
 def plot_report(report: Report, out_prefix: str | os.PathLike) -> list[Path]:
     """Write the drift and trade-off figures as PNG and SVG next to ``out_prefix``; return the paths written."""
     made = figures(report)
-    prefix = Path(out_prefix)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, fig in made.items():
-        for suffix in SUFFIXES:
-            written.append(_save_atomic(fig, prefix.with_name(f"{prefix.name}-{name}{suffix}")))
-    return written
+    Path(out_prefix).parent.mkdir(parents=True, exist_ok=True)
+    return [_save_atomic(made[name], path) for (name, _), path in figure_paths(out_prefix).items()]
 

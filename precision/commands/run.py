@@ -188,10 +188,9 @@ class _Progress:
 
 
 def plot_paths(out: Path) -> list[Path]:
-    """The files ``plot_report(report, out.with_suffix(""))`` writes (names as in precision/plot.py)."""
-    from ..plot import SUFFIXES
-    prefix = out.with_suffix("")
-    return [prefix.with_name(f"{prefix.name}-{name}{suffix}") for name in ("drift", "tradeoff") for suffix in SUFFIXES]
+    """The files ``plot_report(report, out.with_suffix(""))`` writes."""
+    from ..plot import figure_paths
+    return list(figure_paths(out.with_suffix("")).values())
 
 
 def check_outputs(args) -> None:
