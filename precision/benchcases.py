@@ -40,6 +40,11 @@ CASE_BACKENDS = tuple(BACKENDS)
 CASE_STEPS = 200
 CASE_RECORD_EVERY = 20
 ONLY_ENV = "PRECISION_BENCH_CASES"
+# The drift gate's threshold: the one asv.conf.json's regressions_thresholds gives the drift figures, so the two
+# tools flag the same changes. Drift is deterministic on one machine and set of dependencies; 1% is far above what
+# the same code gives there (nothing) and far below what a changed rounding gives (Adam's moments rounded to bf16
+# instead of fp32 moves mixed-policy rel_l2 by 70-80%: 0.8 bits).
+DRIFT_GATE_RELATIVE = 0.01
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,3 +180,16 @@ def measure(selected: tuple[BenchCase, ...]) -> dict[str, CaseFigures]:
             case.label, spec_id, "ok", message, bits_lost=MAX_BITS - result.bits_of_agreement, rel_l2=result.rel_l2,
             flip_rate=result.flip_rate, cross_backend_rel_l2=cross, fingerprint=result.fingerprint)
     return {case.label: figures[case.label] for case in selected}
+
+
+def drift_regressions(now: dict, saved: list[tuple[str, dict]]) -> list[str]:
+    """What got worse: the drift figures (rel_l2, flip rate) of ``now`` above those of a saved run by more than
+    DRIFT_GATE_RELATIVE, one line each. ``saved`` is ``[(source name, extra_info), ...]``; a figure a saved run lacks
+    is not judged. A flip rate that was 0 counts as worse as soon as one prediction flips."""
+    worse = []
+    for source, before in saved:
+        for key in ("rel_l2", "flip_rate"):
+            if key in before and now[key] > before[key] * (1 + DRIFT_GATE_RELATIVE):
+                worse.append(f"{key} {before[key]:.4g} in {source} -> {now[key]:.4g} (bits of agreement "
+                             f"{before.get('bits_of_agreement', float('nan')):.3f} -> {now['bits_of_agreement']:.3f})")
+    return worse

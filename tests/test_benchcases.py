@@ -12,7 +12,7 @@ import itertools
 import numpy as np
 import pytest
 
-from precision.benchcases import cases, frozen_dataset
+from precision.benchcases import DRIFT_GATE_RELATIVE, cases, drift_regressions, frozen_dataset
 from precision.kernels import (KERNEL_BACKENDS, KERNEL_BLOCK, KERNEL_FORMATS, KERNEL_OPTIMIZERS, KERNEL_SIZES,
                                kernel_skip_reason, update_case)
 from precision.runner import train
@@ -58,3 +58,17 @@ def test_training_case_does_not_diverge(case):
     trajectory = train(spec, frozen_dataset(spec))
     assert trajectory.diverged_at is None, f"{case.label} diverged at step {trajectory.diverged_at}"
     assert np.isfinite(trajectory.params[-1]).all()
+
+
+def test_drift_gate_flags_only_worse_figures():
+    """The pytest-benchmark drift gate (tests/bench): equal or better figures pass, a rel_l2 or flip rate above the
+    saved one by more than DRIFT_GATE_RELATIVE fails, naming the figure and the saved run."""
+    saved = [("0001_x.json", {"rel_l2": 1e-3, "flip_rate": 0.0, "bits_of_agreement": 9.97})]
+    same = {"rel_l2": 1e-3, "flip_rate": 0.0, "bits_of_agreement": 9.97}
+    assert drift_regressions(same, saved) == []
+    assert drift_regressions({**same, "rel_l2": 1e-3 * (1 + DRIFT_GATE_RELATIVE / 2)}, saved) == []
+    assert drift_regressions({**same, "rel_l2": 0.5e-3}, saved) == []  # better is not a regression
+    worse = drift_regressions({**same, "rel_l2": 1.8e-3, "bits_of_agreement": 9.1}, saved)
+    assert len(worse) == 1 and worse[0].startswith("rel_l2 0.001 in 0001_x.json -> 0.0018")
+    assert drift_regressions({**same, "flip_rate": 1 / 360}, saved)[0].startswith("flip_rate 0 in 0001_x.json")
+    assert drift_regressions(same, [("old.json", {})]) == []  # a run saved without drift figures is not judged

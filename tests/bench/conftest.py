@@ -5,6 +5,11 @@ It runs when ``--bench`` is given or when a path inside tests/bench is named on 
     python -m pytest tests/bench --bench --benchmark-autosave
     python -m pytest tests/bench --bench --benchmark-compare
 
+With ``--benchmark-compare``, the training tests also gate the numerics: a case whose drift (rel_l2 or flip rate)
+got worse than in the saved run it is compared with fails (``saved_extra_info`` below; the rule is in
+test_bench_training.py). Timing gates need a threshold above the machine's noise; drift is deterministic, so this
+gate needs none and catches what no timing gate can (for example Adam's moments rounded to a coarser format).
+
 Otherwise (a plain ``python -m pytest``) its tests are deselected, so they are neither run nor reported as
 skipped-but-covered. Every test in this folder also gets the ``bench`` marker, so ``-m bench`` / ``-m "not
 bench"`` select them too.
@@ -66,6 +71,16 @@ def pytest_configure(config):
 
 
 _session = None
+
+
+@pytest.fixture
+def saved_extra_info(request):
+    """The ``extra_info`` this test stored in the saved runs named by ``--benchmark-compare``, as
+    ``[(file name, extra_info), ...]``; empty without ``--benchmark-compare`` or when no saved run has the test."""
+    bs = getattr(request.config, "_benchmarksession", None)
+    mapping = getattr(bs, "compared_mapping", None) or {}
+    return [(Path(str(path)).name, saved[request.node.nodeid].get("extra_info", {}))
+            for path, saved in mapping.items() if request.node.nodeid in saved]
 
 
 def pytest_collection_finish(session):
