@@ -52,7 +52,8 @@ def _summary(cmp: Comparison) -> str:
 def _criteria(th: Thresholds) -> str:
     text = (f"regression: slower than x{th.time_ratio:g} (time per step normalised by the calibration kernel when "
             f"both reports have one) with p < {SIGNIFICANCE_LEVEL:g} (Mann-Whitney U on normalised per-chunk step "
-            f"times), or more than {th.bits:g} bits of agreement lost, or ok -> diverged/error")
+            f"times), or more than {th.bits:g} bits of agreement lost, or ok -> diverged/error, or a noise-floor verdict "
+            f"from within to above seed noise")
     text += ", or any fingerprint change" if th.fingerprint else ""
     return text + ("; a time change past the threshold that the samples cannot test is UNCONFIRMED and does not "
                    "fail (docs/compare.md)")

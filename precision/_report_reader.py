@@ -219,8 +219,9 @@ def _validate(path: Path, data: dict, version: int) -> None:
     raise ReportError(f"{_name(path)}: {_json_path(error.absolute_path)}: {message}")
 
 
-def read_report_data(path: str | os.PathLike, version: int) -> dict:
-    """The JSON object of the report at ``path``, checked against the schema of ``version``; else ReportError."""
+def read_report_data(path: str | os.PathLike, versions: tuple[int, ...]) -> dict:
+    """The JSON object of the report at ``path``, of one of the schema ``versions`` and checked against that
+    version's schema; else ReportError. The caller upgrades an older version's data."""
     path = Path(path)
     data = _parse(path, _read_capped(path))
     if not isinstance(data, dict):
@@ -231,10 +232,13 @@ def read_report_data(path: str | os.PathLike, version: int) -> dict:
     if "schema_version" not in data:
         raise ReportError(f"{_name(path)} has no schema_version; is it a precision report?")
     found = data["schema_version"]
-    if type(found) is not int or found != version:  # type(): True == 1, but true is no version
+    if type(found) is not int or found not in versions:  # type(): True == 1, but true is no version
+        known = " and ".join(map(str, versions))
+        newer = " (written by a newer precision: upgrade precision to read it)" if (
+            type(found) is int and found > max(versions)) else ""
         raise ReportError(f"{_name(path)} has schema version {clip(safe_text(repr(found)), 40, middle=True)}; this "
-                          f"precision reads version {version}")
-    _validate(path, data, version)
+                          f"precision reads versions {known}{newer}")
+    _validate(path, data, found)
     # A report holds one result per spec id (compare and --resume match by it); a schema cannot say "unique by key".
     seen: dict[str, int] = {}
     for i, result in enumerate(data["results"]):

@@ -14,7 +14,7 @@ from .errors import PrecisionError
 
 __all__ = ["main", "COMMANDS"]
 
-COMMANDS = ("run", "list", "show", "compare", "plot")
+COMMANDS = ("run", "list", "show", "compare", "plot", "ablate")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -298,8 +298,24 @@ def _pair_row(rid: str, label: str, old: Result, new: Result, th: Thresholds,
                 regressions.append(f"{delta:+.2f} bits of agreement")
             elif delta > th.bits:
                 improvements.append(f"{delta:+.2f} bits of agreement")
+    _verdict_change(old, new, regressions, improvements, notes)
     return Row(rid, label, "both", old.status, new.status, time, old_bits, new_bits, fingerprint_changed,
                tuple(regressions), tuple(improvements), tuple(notes), tuple(unconfirmed))
+
+
+def _verdict_change(old: Result, new: Result, regressions: list, improvements: list, notes: list) -> None:
+    """A changed noise-floor verdict (precision.floors): within -> above seed noise is a regression (the drift now
+    matters), above -> within an improvement, any change to or from order-dominated a note."""
+    before, after = (r.verdict["label"] if r.verdict else None for r in (old, new))
+    if before is None or after is None or before == after:
+        return
+    change = f"verdict {before} -> {after}"
+    if (before, after) == ("within seed noise", "above seed noise"):
+        regressions.append(change)
+    elif (before, after) == ("above seed noise", "within seed noise"):
+        improvements.append(change)
+    else:
+        notes.append(change)
 
 
 def _label(spec: dict) -> str:

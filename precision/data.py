@@ -13,7 +13,7 @@ from .errors import SpecError, choice_error
 from .problems import PROBLEMS, Problem, get_problem
 
 __all__ = ["Dataset", "DATA_SOURCES", "DATA_SETS", "DataSet", "make_dataset", "SYNTHETIC_SHAPE", "MAX_SEED",
-           "check_seed", "fit_error", "split_sizes", "classes_for"]
+           "check_seed", "fit_error", "split_sizes", "classes_for", "batch_schedule", "draw_init_params"]
 
 SYNTHETIC_SHAPE = (1280, 32)  # samples, features: a 1024-sample train split after the 80/20 split
 SYNTHETIC_CLASSES = 4
@@ -159,7 +159,7 @@ def fit_error(problem: Problem, data: str, classes: int) -> str | None:
     return None
 
 
-def _init_params(layout, rng: np.random.Generator) -> np.ndarray:
+def draw_init_params(layout, rng: np.random.Generator) -> np.ndarray:
     """Weights N(0, 1/fan_in), biases zero."""
     blocks = []
     for name, shape in layout:
@@ -168,6 +168,23 @@ def _init_params(layout, rng: np.random.Generator) -> np.ndarray:
         else:
             blocks.append((rng.standard_normal(shape) / np.sqrt(shape[0])).ravel())
     return np.concatenate(blocks)
+
+
+def batch_schedule(rng: np.random.Generator, n_train: int, steps: int, batch_size: int | None) -> np.ndarray | None:
+    """The rows of every step, (steps, batch_size) int64, drawn from ``rng``: one permutation of the train split per
+    epoch, its ragged tail dropped so that every step sees batch_size rows. None (full batch) when batch_size is None
+    or at least the train split, or when there are no steps."""
+    if batch_size is None or batch_size >= n_train or steps <= 0:
+        return None
+    per_epoch = n_train // batch_size
+    # One permutation per epoch, written in place: the schedule is the largest array of a long run, so it is
+    # allocated once (steps x batch_size int64) instead of as a list of epochs plus their concatenation.
+    batches = np.empty((steps, batch_size), dtype=np.int64)
+    for start in range(0, steps, per_epoch):
+        rows = min(per_epoch, steps - start)
+        perm = rng.permutation(n_train)[:per_epoch * batch_size].reshape(per_epoch, batch_size)
+        batches[start:start + rows] = perm[:rows]
+    return batches
 
 
 def make_dataset(problem: str, data: str = "synthetic", seed: int = 0, steps: int = 0,
@@ -201,18 +218,8 @@ def make_dataset(problem: str, data: str = "synthetic", seed: int = 0, steps: in
     if prob.task == "regression":
         y = (y - y[train].mean()) / y[train].std()
     layout = prob.layout(X.shape[1], classes if prob.task == "multiclass" else 0)
-    init_params = _init_params(layout, rng)  # drawn before the schedule: independent of steps and batch size
-    n_train = len(train)
-    batches = None
-    if batch_size is not None and batch_size < n_train and steps > 0:
-        per_epoch = n_train // batch_size  # drop the ragged tail: every step sees batch_size rows
-        # One permutation per epoch, written in place: the schedule is the largest array of a long run, so it is
-        # allocated once (steps x batch_size int64) instead of as a list of epochs plus their concatenation.
-        batches = np.empty((steps, batch_size), dtype=np.int64)
-        for start in range(0, steps, per_epoch):
-            rows = min(per_epoch, steps - start)
-            perm = rng.permutation(n_train)[:per_epoch * batch_size].reshape(per_epoch, batch_size)
-            batches[start:start + rows] = perm[:rows]
+    init_params = draw_init_params(layout, rng)  # drawn before the schedule: independent of steps and batch size
+    batches = batch_schedule(rng, len(train), steps, batch_size)
     return Dataset(problem=prob.name, data=data, seed=seed, X_train=X[train], y_train=y[train], X_test=X[test],
                    y_test=y[test], classes=classes, layout=layout, init_params=init_params,
                    batches=batches, steps=int(steps),

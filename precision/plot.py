@@ -18,7 +18,10 @@ What a reader can rely on:
   pushed apart, never on the curves). p = -log2(u) for the unit roundoff u = 2^-p: the bits of agreement that one
   rounding of every parameter would leave. It is not a ceiling: a whole-vector relative error after one rounding
   is at most u, so agreement starts at or above p;
-* a panel whose runs all errored or were unavailable shows a note saying so, with the count.
+* a panel whose runs all errored or were unavailable shows a note saying so, with the count;
+* when the report has noise floors (``precision run --noise-floor``), each drift panel shows the seed floor as a
+  grey band (bits of agreement between float64 runs of other seeds: what reseeding alone gives) and the order floor
+  as a dotted line (the float64 reference against itself with its sums reordered: bits above it are order noise).
 
 matplotlib is an optional extra; figures are drawn on ``matplotlib.figure.Figure`` with the Agg canvas, never
 through pyplot, so nothing opens a window or touches global state.
@@ -37,6 +40,7 @@ from ._plot_layout import (_Panel, _caption, _empty_panel, _has_drift, _has_trad
 from ._plot_style import (_DIVERGED_SIZE, _LEGEND_LINE, _REFERENCE_COLOR, SUFFIXES, _colors, _matplotlib,
                           _policy_rank, _runner, _size, _Styles, _text, policy_color)
 from ._terminal import clip
+from .drift import MAX_BITS
 from .errors import PrecisionError
 from .report import Report, Result
 
@@ -132,6 +136,11 @@ def _drift_figure(results, colors, styles, Figure, FigureCanvasAgg):
         if skipped:
             handles.append(Line2D([], [], linestyle="none"))
             texts.append(_not_drawn_note(skipped))
+        floors = next((r.floors for runs in by_policy.values() for r in runs if r.floors), None)
+        if floors is not None:
+            floor_handles = _floor_band(ax, floors)
+            handles += [h for h, _ in floor_handles]
+            texts += [t for _, t in floor_handles]
         labels_by_ax[ax] = _reference_lines(ax, j, [r for runs in by_policy.values() for r in runs])
         ax.set_title(_text(panel.title), fontsize=10)
         ax.set_xlabel("training step")
@@ -145,6 +154,30 @@ def _drift_figure(results, colors, styles, Figure, FigureCanvasAgg):
                    reference=any(labels_by_ax.values()))
     _caption(fig, labels_by_ax)
     return fig
+
+
+def _bits(rel) -> float:
+    """Bits of agreement of a relative distance, as the report's drift points have them (None: not finite)."""
+    if rel is None or not math.isfinite(rel):
+        return 0.0
+    return MAX_BITS if rel == 0.0 else min(MAX_BITS, max(0.0, -math.log2(rel)))
+
+
+def _floor_band(ax, floors: dict) -> list:
+    """The noise floors of a panel's reference, drawn behind the runs: a grey band where two float64 runs of other
+    seeds agree (min..max over the seed pairs, per record step), and a dotted line at the agreement of the float64
+    reference with itself summed in another order (above it, bits are order noise). Returns legend entries."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+    steps = floors["steps"]
+    low = [_bits(hi) for _, _, hi in floors["seed_rel_l2_by_step"]]
+    high = [_bits(lo) for lo, _, _ in floors["seed_rel_l2_by_step"]]
+    ax.fill_between(steps, low, high, color="0.55", alpha=0.18, linewidth=0, zorder=0, gid="seed-floor")
+    order = [_bits(v) for v in floors["order_rel_l2_by_step"]]
+    ax.plot(steps[1:], order[1:], color="0.25", linestyle=":", linewidth=1.2, zorder=1, gid="order-floor")
+    seeds = floors["seeds"]
+    return [(Patch(color="0.55", alpha=0.3), f"seed floor: fp64, {seeds} seeds (pairs, min..max)"),
+            (Line2D([], [], color="0.25", linestyle=":"), "order floor: fp64, reordered sums")]
 
 
 def _figure_legend(fig, title: str, styles, *, diverged: bool, reference: bool, policies: dict | None = None):

@@ -19,7 +19,11 @@ from .machine import numerics_environment
 __all__ = ["SCHEMA_VERSION", "Result", "Report", "environment", "write_json_atomic", "load_report",
            "finite_or_none"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Versions load_report reads. A version 1 report is upgraded on read: the fields version 2 added (floors, verdict,
+# inference, batch_invariance, accumulation; spec accum_steps) are absent there, which the records hold as None
+# (accum_steps as 1, what every version 1 run did).
+READABLE_VERSIONS = (1, 2)
 
 
 def finite_or_none(x):
@@ -51,24 +55,40 @@ class Result:
     # Seconds per step of each timed chunk (warm-up excluded): the noise ``precision compare`` tests a time change
     # against. Optional (None in reports written before it existed), so schema version 1 still reads them.
     step_times_s: tuple[float, ...] | None = None
+    # Schema version 2 (each None when not measured): the noise floors of the result's reference configuration and
+    # the verdict against them (precision.floors), inference parity per served format and batch invariance per
+    # format (precision.inference), and the accumulated-vs-one-batch figures (precision.accumulation).
+    floors: dict | None = None
+    verdict: dict | None = None
+    inference: tuple[dict, ...] | None = None
+    batch_invariance: tuple[dict, ...] | None = None
+    accumulation: dict | None = None
 
     @property
     def id(self) -> str:
         return self.spec["id"]
 
     def to_dict(self) -> dict:
-        out = {k: finite_or_none(v) for k, v in dataclasses.asdict(self).items()}
-        out["drift"] = [{k: finite_or_none(v) for k, v in point.items()} for point in self.drift]
-        return out
+        return _json_ready(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, data: dict) -> "Result":
         fields = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in fields}
         kwargs["drift"] = tuple(kwargs.get("drift", ()))
-        if kwargs.get("step_times_s") is not None:
-            kwargs["step_times_s"] = tuple(kwargs["step_times_s"])
+        for key in ("step_times_s", "inference", "batch_invariance"):
+            if kwargs.get(key) is not None:
+                kwargs[key] = tuple(kwargs[key])
         return cls(**kwargs)
+
+
+def _json_ready(value):
+    """``value`` with tuples as lists and every non-finite float as None, at any depth (JSON has no inf/NaN)."""
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    return finite_or_none(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,14 +123,22 @@ def write_json_atomic(path: str | os.PathLike, payload: dict) -> Path:
 
 def load_report(path: str | os.PathLike) -> Report:
     """Read a report written by :meth:`Report.save`. The file must be a regular file of at most 256 MiB of UTF-8
-    JSON, without NaN or Infinity, of this schema version, valid against precision/schemas/report-v1.schema.json
-    (docs/reports.md); anything else raises a one-line ReportError naming the file and the problem."""
-    data = read_report_data(path, SCHEMA_VERSION)
+    JSON, without NaN or Infinity, of a readable schema version (READABLE_VERSIONS), valid against that version's
+    precision/schemas/report-v<N>.schema.json (docs/reports.md); anything else raises a one-line ReportError naming
+    the file and the problem. A version 1 report is upgraded on read (fields it lacks are None)."""
+    data = read_report_data(path, READABLE_VERSIONS)
     # The schema checked every key read here, so building the records cannot fail.
-    results = tuple(Result.from_dict(r) for r in data["results"])
+    results = tuple(Result.from_dict(_upgraded(r)) for r in data["results"])
     calibration = Calibration.from_dict(data["calibration"]) if data.get("calibration") is not None else None
     return Report(results=results, environment=data["environment"], created=data["created"],
                   calibration=calibration)
+
+
+def _upgraded(result: dict) -> dict:
+    """A result of any readable version as version 2 has it: a version 1 spec gains accum_steps 1."""
+    if "accum_steps" not in result["spec"]:
+        result = {**result, "spec": {**result["spec"], "accum_steps": 1}}
+    return result
 
 
 def _version(module: str) -> str | None:

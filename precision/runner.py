@@ -18,6 +18,7 @@ from .calibration import Calibrator
 from .data import Dataset, make_dataset
 from .drift import compare, fingerprint
 from .errors import PrecisionError, SpecError
+from .floors import Floors, check_floor_seeds, judge, measure_floors
 from .matrix import check_grid
 from .report import Report, Result, environment, now_utc
 from .spec import RunSpec
@@ -66,6 +67,7 @@ class _Cache:
     def __init__(self):
         self.datasets: dict[tuple, Dataset] = {}
         self.references: dict[RunSpec, Trajectory] = {}
+        self.floor_sets: dict[tuple[RunSpec, int], Floors] = {}
 
     @staticmethod
     def key(spec: RunSpec) -> tuple:
@@ -83,6 +85,16 @@ class _Cache:
             self.references[ref_spec] = train(ref_spec, self.dataset(ref_spec))
         return self.references[ref_spec]
 
+    def floors(self, spec: RunSpec, seeds: int) -> Floors:
+        """The noise floors of ``spec``'s reference configuration (precision.floors), measured once per reference."""
+        ref_spec = spec.reference()
+        key = (ref_spec, seeds)
+        if key not in self.floor_sets:
+            backend = get_backend(ref_spec.backend)
+            self.floor_sets[key] = measure_floors(self.dataset(ref_spec), lambda ds: backend.train(ref_spec, ds),
+                                                  seeds)
+        return self.floor_sets[key]
+
 
 def _result(spec: RunSpec, traj: Trajectory, ref: Trajectory, dataset: Dataset) -> Result:
     drift = compare(traj, ref, dataset, spec.policy.params)
@@ -96,11 +108,12 @@ def _result(spec: RunSpec, traj: Trajectory, ref: Trajectory, dataset: Dataset) 
 
 
 def run_one(spec: RunSpec, cache: _Cache | None = None, save_params: Path | None = None, *,
-            dataset: Dataset | None = None) -> Result:
+            dataset: Dataset | None = None, noise_floor: int = 0) -> Result:
     """Run one spec to a Result; never raises for the run's own failures (only KeyboardInterrupt passes).
 
     ``dataset``, when given, is used for the run and its reference; one made for another spec raises SpecError
-    (the caller's mistake, not the run's), naming the fields that differ."""
+    (the caller's mistake, not the run's), naming the fields that differ. ``noise_floor`` K > 0 adds the noise
+    floors of the reference (K seeds and one reordered run, precision.floors) and the result's verdict."""
     cache = cache or _Cache()
     if dataset is not None:
         check_dataset(spec, dataset)
@@ -113,6 +126,8 @@ def run_one(spec: RunSpec, cache: _Cache | None = None, save_params: Path | None
         ref = cache.reference(spec)
         traj = get_backend(spec.backend).train(spec, dataset)
         result = _result(spec, traj, ref, dataset)
+        if noise_floor:
+            result = with_floors(result, cache.floors(spec, noise_floor))
     except Exception as exc:  # one failing configuration never loses the others' results
         return Result(spec=spec.to_dict(), status="error", message=_message(exc))
     if save_params is not None:
@@ -121,6 +136,23 @@ def run_one(spec: RunSpec, cache: _Cache | None = None, save_params: Path | None
         except Exception as exc:  # the measurements stand; the status says the params file is missing
             return dataclasses.replace(result, status="error", message=f"params not saved: {_message(exc)}")
     return result
+
+
+def with_floors(result: Result, floors: Floors) -> Result:
+    """``result`` with its reference's floors and, when it finished without diverging, its verdict."""
+    verdict = None
+    if result.status == "ok":
+        verdict = judge(result.rel_l2, result.flip_rate, result.loss_gap, floors).to_dict()
+    return dataclasses.replace(result, floors=floors.to_dict(), verdict=verdict)
+
+
+def _reused_with_floors(result: Result, spec: RunSpec, cache: _Cache, seeds: int) -> Result:
+    """A result reused by --resume from a run without floors, given them now; if they cannot be measured, the
+    result stays as it was (its measurements do not depend on them)."""
+    try:
+        return with_floors(result, cache.floors(spec, seeds))
+    except Exception:
+        return result
 
 
 def _message(exc: Exception) -> str:
@@ -162,7 +194,7 @@ def validate(specs: Iterable[RunSpec], *, force: bool = False, cli_names: bool =
 
 def run(specs: Iterable[RunSpec], progress: Callable[[int, int, RunSpec, Result], None] | None = None,
         save_params: str | Path | None = None, *, finished: Mapping[str, Result] | None = None,
-        on_result: Callable[[Result], None] | None = None, force: bool = False) -> Report:
+        on_result: Callable[[Result], None] | None = None, force: bool = False, noise_floor: int = 0) -> Report:
     """Run every spec and return a Report with one result per spec, in spec order.
 
     Every spec, the grid as a whole (:func:`validate`: problem/data fit, batch sizes, optional packages, backends,
@@ -173,10 +205,15 @@ def run(specs: Iterable[RunSpec], progress: Callable[[int, int, RunSpec, Result]
     each result is known, reused ones included, before ``progress(i, n, spec, result)``: the CLI checkpoints there,
     so a crash keeps what finished.
 
+    ``noise_floor`` K > 0 (K >= 2; precision.floors.FLOOR_SEEDS is the default the CLI uses) adds to every result
+    the noise floors of its reference configuration (K float64 seeds and one reordered run, measured once per
+    reference) and its verdict: within seed noise, above seed noise or order-dominated.
+
     The report also holds the timings of a calibration kernel (precision.calibration), measured before the first
     spec and after the last, which ``precision compare`` divides times by to cancel the machine's load.
     """
     specs = validate(specs, force=force)
+    check_floor_seeds(noise_floor)
     if save_params is not None:
         check_folder_target(save_params, "save_params")  # a file there would turn every result into an error
     finished = finished or {}
@@ -185,7 +222,11 @@ def run(specs: Iterable[RunSpec], progress: Callable[[int, int, RunSpec, Result]
     calibrator.measure()
     results = []
     for i, spec in enumerate(specs, 1):
-        result = finished.get(spec.id) or run_one(spec, cache, Path(save_params) if save_params else None)
+        result = finished.get(spec.id)
+        if result is None:
+            result = run_one(spec, cache, Path(save_params) if save_params else None, noise_floor=noise_floor)
+        elif noise_floor and result.floors is None and result.status in ("ok", "diverged"):
+            result = _reused_with_floors(result, spec, cache, noise_floor)
         results.append(result)
         if on_result is not None:
             on_result(result)

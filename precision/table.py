@@ -5,7 +5,7 @@ from __future__ import annotations
 from ._terminal import clip, safe_text
 from .report import Report, Result
 
-__all__ = ["format_table", "POLICY_ORDER"]
+__all__ = ["format_table", "floor_summary", "POLICY_ORDER"]
 
 MESSAGE_CHARS = 60  # of a status message in the table (the report keeps it whole): one row stays one line
 POLICY_ORDER = ("fp64", "fp32", "bf16-mixed", "fp16-mixed", "fp16-mixed-ls", "bf16", "fp16", "fp8-mixed")
@@ -32,25 +32,52 @@ def _status(r: Result) -> str:
 def format_table(report: Report) -> str:
     """The report as a text table. Report text is escaped (precision/_terminal.py): a report can come from
     anyone, and no control character of it reaches the terminal."""
+    with_floors = any(r.floors is not None for r in report.results)
     headers = ("problem", "optimizer", "policy", "backend", "us/step", "bits", "rel_l2", "max_ulp",
-               "loss", "loss_gap", "flips", "diverged", "status")
+               "loss", "loss_gap", "flips", "diverged") + (("verdict",) if with_floors else ()) + ("status",)
     rows = []
     for r in sorted(report.results, key=_sort_key):
         s = r.spec
         us = None if r.time_per_step_s is None else r.time_per_step_s * 1e6
+        verdict = (safe_text(r.verdict["label"]) if r.verdict else "-",) if with_floors else ()
         rows.append((safe_text(f"{s['problem']}:{s['data']}"), safe_text(s["optimizer"]["name"]),
                      safe_text(s["policy_name"]), safe_text(f"{s['backend']}-{s['device']}"), _num(us, ".1f"),
                      _num(r.bits_of_agreement, ".1f"),
                      _num(r.rel_l2, ".2e", "inf" if r.status == "diverged" else "-"), _num(r.max_ulp, ".3g"),
                      _num(r.final_loss, ".4g"), _num(r.loss_gap, ".2e"), _num(r.flip_rate, ".3f"),
-                     _num(r.diverged_at, "d"), _status(r)))
+                     _num(r.diverged_at, "d"), *verdict, _status(r)))
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(headers)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)), "  ".join("-" * w for w in widths)]
-    previous = None
-    for row in rows:
+    ordered = sorted(report.results, key=_sort_key)
+    previous, floors_shown = None, []
+    for r, row in zip(ordered, rows):
         group = row[:2]
         if previous is not None and group != previous:
-            lines.append("")
+            lines += [*floors_shown, ""]
+            floors_shown = []
         previous = group
         lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-    return "\n".join(lines)
+        if r.floors is not None and (line := "  " + floor_summary(r.floors)) not in floors_shown:
+            floors_shown.append(line)
+    return "\n".join(lines + floors_shown)
+
+
+def floor_summary(floors: dict) -> str:
+    """One line: what reseeding and reordering alone do to the float64 reference of a group of results."""
+    def spread(values, fmt):
+        values = [v for v in values if v is not None]
+        if not values:
+            return "-"
+        values.sort()
+        return f"{format(values[0], fmt)}..{format(values[-1], fmt)}"
+
+    seeds = floors["seeds"]
+    if floors.get("seed_flip_rate") is not None:
+        seed_part = f"flips {spread(floors['seed_flip_rate'], '.3f')}"
+        order_part = f"flips {_num(floors['order_flip_rate'], '.3f')}"
+    else:
+        seed_part = f"loss_gap {spread(floors['seed_loss_gap'], '.2e')}"
+        order_part = f"loss_gap {_num(floors['order_loss_gap'], '.2e')}"
+    return (f"noise floor (fp64, {seeds} seeds, {seeds * (seeds - 1) // 2} pairs): {seed_part}, rel_l2 "
+            f"{spread(floors['seed_rel_l2'], '.2g')}; reordered sums: rel_l2 {_num(floors['order_rel_l2'], '.2e', 'inf')}, "
+            f"{order_part}")

@@ -99,7 +99,7 @@ def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
 @pytest.mark.parametrize("content, message", [
     ("{not json", "is not readable JSON"),
     ('{"results": []}', "has no schema_version"),
-    ('{"schema_version": 99, "results": []}', "has schema version 99; this precision reads version 1"),
+    ('{"schema_version": 99, "results": []}', "has schema version 99; this precision reads versions 1 and 2 (written by a newer precision"),
 ])
 def test_unreadable_report_is_refused_in_one_line(content, message, tmp_path):
     path = tmp_path / "bad.json"

@@ -188,8 +188,9 @@ MALFORMED = [
     ("empty-file", lambda good, path: _write(path, b""), "is not readable JSON: the file is empty"),
     ("invalid-UTF-8", lambda good, path: _write(path, b'{"schema_version": 1, "created": "\xff"}'),
      "is not readable JSON: not UTF-8 text (byte 0xff at offset 34"),
-    ("unknown-schema_version", _edit(_set("schema_version", 2)),
-     "has schema version 2; this precision reads version 1"),
+    ("unknown-schema_version", _edit(_set("schema_version", 3)),
+     "has schema version 3; this precision reads versions 1 and 2 (written by a newer precision: upgrade precision "
+     "to read it)"),
     # and a few more of the same families
     ("1e999-overflows-float", _replace_text('"eps": 1e-08', '"eps": 1e999'),
      "is not readable JSON: the number 1e999 is beyond the float range"),
@@ -265,8 +266,8 @@ def test_malformed_report_is_refused_in_one_line(make, fragment, good, tmp_path,
     (_set("environment", "not an object"), "environment: 'not an object' is not of type 'object'"),
     (_set("created", 20240101), "created: 20240101 is not of type 'string'"),
     (_delete("results"), "top level: 'results' is a required property"),
-    (_set("schema_version", True), "has schema version True; this precision reads version 1"),
-    (_set("schema_version", "1"), "has schema version '1'; this precision reads version 1"),
+    (_set("schema_version", True), "has schema version True; this precision reads versions 1 and 2"),
+    (_set("schema_version", "1"), "has schema version '1'; this precision reads versions 1 and 2"),
     (_delete("schema_version"), "has no schema_version; is it a precision report?"),
 ])
 def test_known_keys_must_have_their_types(edit, fragment, good, tmp_path):

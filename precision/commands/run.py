@@ -10,6 +10,7 @@ from ..backends import BACKENDS, backend_availability
 from ..checkpoint import Checkpoint, checkpoint_path
 from ..data import DATA_SOURCES, MAX_SEED
 from ..errors import PrecisionError, SpecError, choice_error
+from ..floors import FLOOR_SEEDS, MAX_FLOOR_SEEDS, check_floor_seeds
 from ..matrix import DEFAULT_STEPS, MEMORY_LIMIT, REPORT_LIMIT, WORK_LIMIT, build_specs, default_specs, split_list
 from ..optim import OPTIMIZERS
 from ..policy import PRESETS
@@ -118,6 +119,11 @@ def add_parser(sub):
                    "its .partial.jsonl checkpoint; run only the other specs")
     p.add_argument("--force", action="store_true", help="run a grid over the size limits anyway (see above)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.add_argument("--noise-floor", nargs="?", const=str(FLOOR_SEEDS), metavar="K",
+                   help=f"measure noise floors (K float64 seeds, default {FLOOR_SEEDS}, and one reordered run per "
+                        f"reference configuration) and give each result a verdict: within seed noise, above seed "
+                        f"noise or order-dominated; 0 turns them off (default: on, K = {FLOOR_SEEDS}, for the "
+                        f"default matrix; off otherwise)")
     p.set_defaults(handler=main)
 
 
@@ -167,6 +173,19 @@ def specs_from_args(args):
         steps=steps, batch_size=batch_size, lr=lr, record_every=record_every)
 
 
+def noise_floor_from_args(args) -> int:
+    """--noise-floor K as an int (0: off). Not given: on for the default matrix, off for a matrix of options."""
+    if args.noise_floor is None:
+        default_matrix = all(getattr(args, o) is None for o in ("problem", "data", "optimizer", "policy"))
+        return FLOOR_SEEDS if default_matrix else 0
+    try:
+        seeds = int(args.noise_floor)
+    except ValueError:
+        raise SpecError(f"--noise-floor {args.noise_floor!r} is not an integer; valid: 0 (off) or "
+                        f"2..{MAX_FLOOR_SEEDS} seeds") from None
+    return check_floor_seeds(seeds)
+
+
 def _bad_seed(text):
     raise SpecError(f"seed {text!r} is not an integer; valid seeds: 0..{MAX_SEED}")
 
@@ -213,6 +232,7 @@ def main(args) -> int:
     # The whole grid, before anything is written or run: names, repeated ids (--seed 0,0), problem/data fit, batch
     # sizes, optional packages, the size limits (--force) and each backend on the devices asked for.
     specs = validate(specs_from_args(args), force=args.force, cli_names=True)
+    noise_floor = noise_floor_from_args(args)
     out = Path(args.out)
     check_outputs(args)
     # Last check, as it locks and creates the checkpoint file. Leaving the block keeps the file if it holds any
@@ -221,7 +241,7 @@ def main(args) -> int:
         try:
             report = run(specs, progress=_Progress(sys.stderr.isatty() and not args.quiet),
                          save_params=args.save_params, finished=checkpoint.found, on_result=checkpoint.append,
-                         force=args.force)
+                         force=args.force, noise_floor=noise_floor)
         except KeyboardInterrupt:
             return _save_interrupted(specs, checkpoint, out)
         statuses = [r.status for r in report.results]

@@ -1,0 +1,191 @@
+"""``precision ablate POLICY``: which field of a mixed-precision recipe carries the bits (docs/ablation.md)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..errors import SpecError
+
+EXIT_CODES = """\
+exit status:
+  0    every run finished (a diverged run is a result, not a failure)
+  1    some run errored (its message is in the table and, with --out, in the report), or nothing ran,
+       or the report could not be written
+  2    bad input, found before any training: an unknown policy, format, name or value, a problem that does
+       not fit its data set, a grid over the size limits (without --force), an unusable --out; nothing written
+  130  interrupted (Ctrl-C or SIGTERM); with --out, the results finished so far are saved as the report
+"""
+
+DESCRIPTION = """\
+Runs POLICY, its reference (POLICY's shape with every format at --reference, no loss scale) and every
+one-field change between them, and prints, per case, what each field is worth in bits of agreement with
+the float64 reference:
+
+  raise  POLICY with ONE field set to the reference's value; delta = its bits - POLICY's bits
+  lower  the reference with ONE field set to POLICY's value; delta = its bits - the reference's bits
+
+Raising 'master' when POLICY has none adds a master copy in the reference format; raising the loss scale
+removes it. A one-field change that the policy rules refuse (an accumulator narrower than compute) is a row
+with status 'invalid' and the reason. Without --problem and --data, the default cases run (logreg on
+breast_cancer, mlp on digits). --problem, --data, --optimizer and --backend take comma-separated lists; each
+combination is one table.
+"""
+
+
+def add_parser(sub):
+    p = sub.add_parser("ablate", help="which field of a mixed-precision policy carries the bits: one-field changes "
+                       "towards and from the float64 reference", description=DESCRIPTION, epilog=EXIT_CODES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("policy", metavar="POLICY", help="a preset (bf16-mixed, fp16-mixed, ...) or a string like "
+                   "'p=bf16,c=bf16,a=fp32,s=fp32,m=fp32'")
+    p.add_argument("--problem", help="linreg, logreg, softmax, mlp (comma-separated)")
+    p.add_argument("--data", help="synthetic, breast_cancer, digits, diabetes (comma-separated)")
+    p.add_argument("--optimizer", default="adam", help="sgd, adam, adamw (comma-separated; default adam)")
+    p.add_argument("--backend", default="numpy", help="numpy, numba, jax (comma-separated; default numpy)")
+    p.add_argument("--reference", default="fp64", help="the format every field is raised to: fp64 (default) or "
+                   "fp32; bits are always measured against the float64 run")
+    p.add_argument("--steps", default="200", help="training steps (default 200)")
+    p.add_argument("--seed", default="0", help="data/init seed (default 0)")
+    p.add_argument("--batch-size", default="128", help="minibatch size, or 'full' (default 128)")
+    p.add_argument("--lr", help="learning rate (default: the optimizer's own)")
+    p.add_argument("--record-every", default="20", help="record params every N steps (default 20)")
+    p.add_argument("--out", help="also save the runs as a precision report (JSON, written atomically)")
+    p.add_argument("--markdown", action="store_true", help="print GitHub markdown tables")
+    p.add_argument("--force", action="store_true", help="run a grid over the size limits anyway")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.set_defaults(handler=main)
+
+
+def _positive_int(name: str, text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise SpecError(f"--{name} {text!r} is not an integer; valid: a positive integer") from None
+    if value <= 0:
+        raise SpecError(f"--{name} {value} must be a positive integer")
+    return value
+
+
+def _batch_size(text: str) -> int | None:
+    if text.strip().lower() in ("full", "none"):
+        return None
+    try:
+        return _positive_int("batch-size", text)
+    except SpecError as exc:
+        raise SpecError(f"{exc}, or 'full' for full batch") from None
+
+
+def _seed(text: str) -> int:
+    from ..data import MAX_SEED
+    try:
+        value = int(text)
+    except ValueError:
+        raise SpecError(f"--seed {text!r} is not an integer; valid seeds: 0..{MAX_SEED}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise SpecError(f"--seed {value} is out of range; valid seeds: 0..{MAX_SEED}")
+    return value
+
+
+def _lr(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise SpecError(f"--lr {text!r} is not a number; valid: a positive finite number") from None
+
+
+def _items(args, option: str) -> list[str] | None:
+    """The comma-separated values of --option (None when not given); an empty value or item is bad input."""
+    from ..backends import BACKENDS
+    from ..data import DATA_SOURCES
+    from ..optim import OPTIMIZERS
+    from ..problems import PROBLEMS
+    text = getattr(args, option)
+    if text is None:
+        return None
+    items = [t.strip() for t in text.split(",")]
+    if not all(items):
+        choices = {"problem": PROBLEMS, "data": DATA_SOURCES, "optimizer": OPTIMIZERS, "backend": BACKENDS}[option]
+        raise SpecError(f"--{option} {text!r} is empty or has an empty item; valid choices: "
+                        f"{', '.join(choices)} (comma-separated)")
+    return items
+
+
+class _Progress:
+    """One updating line on a terminal; nothing when stderr is not a terminal."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def __call__(self, i, n, spec, result):
+        if self.enabled:
+            line = f"[{i}/{n}] {spec.id}  {result.status}"[:150]
+            sys.stderr.write("\r\033[K" + line + ("\r\033[K" if i == n else ""))
+            sys.stderr.flush()
+
+
+def _say(line: str) -> None:
+    print(("\r\033[K" if sys.stderr.isatty() else "") + line, file=sys.stderr)
+
+
+def main(args) -> int:
+    from .._atomic import OutputError, check_file_target
+    from ..ablate import format_ablation, plan_ablation, tabulate
+    from ..report import Report, environment, now_utc
+    from ..runner import run, validate
+
+    # Everything is checked before anything runs or is written: names and values, the policy and the reference,
+    # the grid as precision run checks it (problem/data fit, batch sizes, sizes, backends), the output path.
+    plan = plan_ablation(args.policy, _items(args, "problem"), _items(args, "data"), _items(args, "optimizer"),
+                         _items(args, "backend"), _positive_int("steps", args.steps), _seed(args.seed),
+                         _batch_size(args.batch_size), _lr(args.lr), reference=args.reference,
+                         record_every=_positive_int("record-every", args.record_every))
+    specs = validate(plan.specs, force=args.force, cli_names=True)
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        check_file_target(out, "--out")
+    done = []
+    try:
+        report = run(specs, progress=_Progress(sys.stderr.isatty() and not args.quiet), on_result=done.append,
+                     force=args.force)
+    except KeyboardInterrupt:
+        if out is None or not done:
+            _say("precision ablate: interrupted; nothing written")
+            return 130
+        try:
+            Report(results=tuple(done), environment=environment(), created=now_utc()).save(out)
+        except (OSError, OutputError) as exc:
+            _say(f"precision ablate: interrupted; the report could not be written ({exc})")
+            return 130
+        _say(f"precision ablate: interrupted; {len(done)} of {len(specs)} results saved to {out}")
+        return 130
+    statuses = [r.status for r in report.results]
+    nothing_ran = not any(s in ("ok", "diverged") for s in statuses)
+    status = 0
+    written = None
+    if out is not None:
+        if nothing_ran and out.exists():
+            _say(f"precision ablate: error: nothing ran; the existing report {str(out)!r} was kept")
+            status = 1
+        else:
+            try:
+                written = report.save(out)
+            except (OSError, OutputError) as exc:
+                _say(f"precision ablate: error: the report could not be written to {str(out)!r} ({exc})")
+                status = 1
+    if "error" in statuses:
+        _say(f"precision ablate: error: {statuses.count('error')} of {len(statuses)} runs failed; their messages "
+             f"are in the table{' and the report' if written else ''}")
+        status = 1
+    elif nothing_ran:
+        status = 1
+    # stdout last: a reader that goes away early (| head) costs nothing already on disk.
+    print(format_ablation(tabulate(plan, report), markdown=args.markdown))
+    summary = ", ".join(f"{statuses.count(s)} {s}" for s in ("ok", "diverged", "unavailable", "error")
+                        if statuses.count(s))
+    where = f"; report written to {out}" if written else ""
+    print(f"\n{len(statuses)} runs ({summary}){where}")
+    return status
