@@ -24,7 +24,8 @@ from .report import Report, Result, environment, now_utc
 from .spec import RunSpec
 from .trajectory import Trajectory
 
-__all__ = ["run", "run_one", "train", "dataset_for", "check_dataset", "validate"]
+__all__ = ["run", "run_one", "train", "dataset_for", "check_dataset", "validate", "Serving", "with_serving",
+           "with_floors"]
 
 
 def dataset_for(spec: RunSpec) -> Dataset:
@@ -108,12 +109,13 @@ def _result(spec: RunSpec, traj: Trajectory, ref: Trajectory, dataset: Dataset) 
 
 
 def run_one(spec: RunSpec, cache: _Cache | None = None, save_params: Path | None = None, *,
-            dataset: Dataset | None = None, noise_floor: int = 0) -> Result:
+            dataset: Dataset | None = None, noise_floor: int = 0, serve: Serving | None = None) -> Result:
     """Run one spec to a Result; never raises for the run's own failures (only KeyboardInterrupt passes).
 
     ``dataset``, when given, is used for the run and its reference; one made for another spec raises SpecError
     (the caller's mistake, not the run's), naming the fields that differ. ``noise_floor`` K > 0 adds the noise
-    floors of the reference (K seeds and one reordered run, precision.floors) and the result's verdict."""
+    floors of the reference (K seeds and one reordered run, precision.floors) and the result's verdict; ``serve``
+    adds inference parity and batch invariance of the trained model (precision.inference) to a finished run."""
     cache = cache or _Cache()
     if dataset is not None:
         check_dataset(spec, dataset)
@@ -128,6 +130,8 @@ def run_one(spec: RunSpec, cache: _Cache | None = None, save_params: Path | None
         result = _result(spec, traj, ref, dataset)
         if noise_floor:
             result = with_floors(result, cache.floors(spec, noise_floor))
+        if serve is not None and result.status == "ok":
+            result = with_serving(result, spec, dataset, traj.params[-1], serve)
     except Exception as exc:  # one failing configuration never loses the others' results
         return Result(spec=spec.to_dict(), status="error", message=_message(exc))
     if save_params is not None:
@@ -144,6 +148,40 @@ def with_floors(result: Result, floors: Floors) -> Result:
     if result.status == "ok":
         verdict = judge(result.rel_l2, result.flip_rate, result.loss_gap, floors).to_dict()
     return dataclasses.replace(result, floors=floors.to_dict(), verdict=verdict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Serving:
+    """What to measure about serving each trained model: inference parity in ``formats`` (precision.inference,
+    against fp64 on the same backend), and batch invariance in the policy's compute format when ``batches``."""
+
+    formats: tuple[str, ...] = ()
+    batches: bool = False
+
+    def __post_init__(self):
+        from .formats import get_format
+        for name in self.formats:
+            get_format(name)  # a SpecError naming the format and the valid ones
+
+
+def with_serving(result: Result, spec: RunSpec, dataset: Dataset, params: np.ndarray, serve: Serving) -> Result:
+    """``result`` with the serving figures of its final ``params``. They are extra measurements: if one fails, the
+    result keeps its status and says in its message what is missing."""
+    from .inference import batch_invariance, inference_parity
+    changes, missing = {}, []
+    if serve.formats:
+        try:
+            changes["inference"] = tuple(inference_parity(spec.backend, dataset, params, serve.formats))
+        except Exception as exc:
+            missing.append(f"inference parity not measured: {_message(exc)}")
+    if serve.batches:
+        try:
+            changes["batch_invariance"] = (batch_invariance(spec.backend, dataset, params, spec.policy.compute),)
+        except Exception as exc:
+            missing.append(f"batch invariance not measured: {_message(exc)}")
+    if missing:
+        changes["message"] = "; ".join([result.message, *missing] if result.message else missing)
+    return dataclasses.replace(result, **changes)
 
 
 def _reused_with_floors(result: Result, spec: RunSpec, cache: _Cache, seeds: int) -> Result:
@@ -194,7 +232,8 @@ def validate(specs: Iterable[RunSpec], *, force: bool = False, cli_names: bool =
 
 def run(specs: Iterable[RunSpec], progress: Callable[[int, int, RunSpec, Result], None] | None = None,
         save_params: str | Path | None = None, *, finished: Mapping[str, Result] | None = None,
-        on_result: Callable[[Result], None] | None = None, force: bool = False, noise_floor: int = 0) -> Report:
+        on_result: Callable[[Result], None] | None = None, force: bool = False, noise_floor: int = 0,
+        serve: Serving | None = None) -> Report:
     """Run every spec and return a Report with one result per spec, in spec order.
 
     Every spec, the grid as a whole (:func:`validate`: problem/data fit, batch sizes, optional packages, backends,
@@ -207,7 +246,9 @@ def run(specs: Iterable[RunSpec], progress: Callable[[int, int, RunSpec, Result]
 
     ``noise_floor`` K > 0 (K >= 2; precision.floors.FLOOR_SEEDS is the default the CLI uses) adds to every result
     the noise floors of its reference configuration (K float64 seeds and one reordered run, measured once per
-    reference) and its verdict: within seed noise, above seed noise or order-dominated.
+    reference) and its verdict: within seed noise, above seed noise or order-dominated. ``serve`` (a Serving) adds,
+    to every run that finished without diverging, its inference parity in the given formats and its batch
+    invariance (precision.inference).
 
     The report also holds the timings of a calibration kernel (precision.calibration), measured before the first
     spec and after the last, which ``precision compare`` divides times by to cancel the machine's load.
@@ -224,7 +265,8 @@ def run(specs: Iterable[RunSpec], progress: Callable[[int, int, RunSpec, Result]
     for i, spec in enumerate(specs, 1):
         result = finished.get(spec.id)
         if result is None:
-            result = run_one(spec, cache, Path(save_params) if save_params else None, noise_floor=noise_floor)
+            result = run_one(spec, cache, Path(save_params) if save_params else None, noise_floor=noise_floor,
+                             serve=serve)
         elif noise_floor and result.floors is None and result.status in ("ok", "diverged"):
             result = _reused_with_floors(result, spec, cache, noise_floor)
         results.append(result)

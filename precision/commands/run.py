@@ -11,14 +11,16 @@ from ..checkpoint import Checkpoint, checkpoint_path
 from ..data import DATA_SOURCES, MAX_SEED
 from ..errors import PrecisionError, SpecError, choice_error
 from ..floors import FLOOR_SEEDS, MAX_FLOOR_SEEDS, check_floor_seeds
+from ..formats import FORMATS
+from ..inference import INFER_FORMATS
 from ..matrix import DEFAULT_STEPS, MEMORY_LIMIT, REPORT_LIMIT, WORK_LIMIT, build_specs, default_specs, split_list
 from ..optim import OPTIMIZERS
 from ..policy import PRESETS
 from ..problems import PROBLEMS
 from ..report import Report, environment, now_utc
-from ..runner import run, validate
+from ..runner import Serving, run, validate
 from ..spec import DEVICES
-from ..table import format_table
+from ..table import format_report
 
 DEFAULT_OUT = "precision-report.json"
 
@@ -124,6 +126,13 @@ def add_parser(sub):
                         f"reference configuration) and give each result a verdict: within seed noise, above seed "
                         f"noise or order-dominated; 0 turns them off (default: on, K = {FLOOR_SEEDS}, for the "
                         f"default matrix; off otherwise)")
+    p.add_argument("--infer-policy", metavar="FORMATS",
+                   help=f"serve each trained model in these formats and measure inference parity against fp64 on "
+                        f"the same backend (flip rate, KL, logit ulps, accuracy change); comma-separated formats, "
+                        f"or 'none' (default: {','.join(INFER_FORMATS)} for the default matrix; none otherwise)")
+    p.add_argument("--batch-invariance", action="store_true",
+                   help="also check whether each trained model's test logits depend on the batch they are served "
+                        "in (batch sizes 1, 3, 32, 128, all; positions in a batch of 32)")
     p.set_defaults(handler=main)
 
 
@@ -173,11 +182,35 @@ def specs_from_args(args):
         steps=steps, batch_size=batch_size, lr=lr, record_every=record_every)
 
 
+def _default_matrix(args) -> bool:
+    return all(getattr(args, o) is None for o in ("problem", "data", "optimizer", "policy"))
+
+
+def serving_from_args(args) -> Serving | None:
+    """--infer-policy and --batch-invariance as a Serving (None: neither). --infer-policy not given: every
+    INFER_FORMATS for the default matrix, none for a matrix of options."""
+    text = args.infer_policy
+    if text is None:
+        formats = INFER_FORMATS if _default_matrix(args) else ()
+    elif text.strip().lower() == "none":
+        formats = ()
+    else:
+        try:
+            formats = tuple(split_list(text))
+        except SpecError:
+            formats = ()
+        if not formats:
+            raise SpecError(f"--infer-policy {text!r} is empty or has an empty item; valid formats: "
+                            f"{', '.join(FORMATS)} (comma-separated), or none")
+    if not formats and not args.batch_invariance:
+        return None
+    return Serving(formats=formats, batches=args.batch_invariance)
+
+
 def noise_floor_from_args(args) -> int:
     """--noise-floor K as an int (0: off). Not given: on for the default matrix, off for a matrix of options."""
     if args.noise_floor is None:
-        default_matrix = all(getattr(args, o) is None for o in ("problem", "data", "optimizer", "policy"))
-        return FLOOR_SEEDS if default_matrix else 0
+        return FLOOR_SEEDS if _default_matrix(args) else 0
     try:
         seeds = int(args.noise_floor)
     except ValueError:
@@ -233,6 +266,7 @@ def main(args) -> int:
     # sizes, optional packages, the size limits (--force) and each backend on the devices asked for.
     specs = validate(specs_from_args(args), force=args.force, cli_names=True)
     noise_floor = noise_floor_from_args(args)
+    serve = serving_from_args(args)
     out = Path(args.out)
     check_outputs(args)
     # Last check, as it locks and creates the checkpoint file. Leaving the block keeps the file if it holds any
@@ -241,7 +275,7 @@ def main(args) -> int:
         try:
             report = run(specs, progress=_Progress(sys.stderr.isatty() and not args.quiet),
                          save_params=args.save_params, finished=checkpoint.found, on_result=checkpoint.append,
-                         force=args.force, noise_floor=noise_floor)
+                         force=args.force, noise_floor=noise_floor, serve=serve)
         except KeyboardInterrupt:
             return _save_interrupted(specs, checkpoint, out)
         statuses = [r.status for r in report.results]
@@ -274,7 +308,7 @@ def main(args) -> int:
             print(f"precision run: error: plots not written: {exc}", file=sys.stderr)
             written, status = [], 1
     # stdout last: a reader that goes away early (| head) costs nothing already on disk.
-    print(format_table(report))
+    print(format_report(report))
     summary = ", ".join(f"{statuses.count(s)} {s}" for s in ("ok", "diverged", "unavailable", "error")
                         if statuses.count(s))
     print(f"\n{len(statuses)} runs ({summary}); report written to {out}")

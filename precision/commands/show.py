@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .._terminal import safe_text
 from ..report import Report, load_report
-from ..table import format_table
+from ..table import format_report
 
 
 def add_parser(sub):
@@ -22,7 +22,7 @@ def summary(report: Report) -> str:
 
 def main(args) -> int:
     report = load_report(args.report)
-    print(format_table(report))
+    print(format_report(report))
     print()
     print(summary(report))
     return 0
