@@ -30,9 +30,9 @@ _EXPORTS = {
     "policy": ("PRESETS", "Policy", "get_policy", "parse_policy"),
     "problems": ("PROBLEMS", "get_problem"),
     "report": ("Report", "Result", "load_report"),
-    "runner": ("run", "run_one", "train"),
+    "runner": ("Serving", "run", "run_one", "train"),
     "spec": ("RunSpec",),
-    "table": ("format_table",),
+    "table": ("format_report", "format_table"),
     "trajectory": ("Trajectory",),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
@@ -67,7 +67,7 @@ if TYPE_CHECKING:  # what static tools and IDEs see
     from .policy import PRESETS, Policy, get_policy, parse_policy  # noqa: F401
     from .problems import PROBLEMS, get_problem  # noqa: F401
     from .report import Report, Result, load_report  # noqa: F401
-    from .runner import run, run_one, train  # noqa: F401
+    from .runner import Serving, run, run_one, train  # noqa: F401
     from .spec import RunSpec  # noqa: F401
-    from .table import format_table  # noqa: F401
+    from .table import format_report, format_table  # noqa: F401
     from .trajectory import Trajectory  # noqa: F401

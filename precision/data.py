@@ -29,7 +29,7 @@ DATA_SOURCES = {
 _SKLEARN_TASK = {"breast_cancer": "classification", "digits": "classification", "diabetes": "regression"}
 
 # numpy.random.default_rng takes any non-negative integer; a report stores the seed as a JSON integer that its schema
-# caps at a signed 64-bit value (precision/schemas/report-v1.schema.json). Seeds in 0..MAX_SEED satisfy both.
+# caps at a signed 64-bit value (precision/schemas/report-v2.schema.json). Seeds in 0..MAX_SEED satisfy both.
 MAX_SEED = 2**63 - 1
 
 

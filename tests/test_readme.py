@@ -43,8 +43,9 @@ PRECISION = [argv for argv in ALL if argv[0] == "precision"]
 
 
 def scaled(argv: list[str]) -> list[str]:
-    """``precision run`` with --steps STEPS --record-every 3 and no progress line; other commands unchanged."""
-    if argv[1] != "run":
+    """``precision run`` and ``precision ablate`` with --steps STEPS --record-every 3 and no progress line; other
+    commands unchanged."""
+    if argv[1] not in ("run", "ablate"):
         return argv
     out, skip = [], False
     for arg in argv:
