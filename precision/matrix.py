@@ -155,7 +155,7 @@ def _records(steps: int, record_every: int) -> int:
     return -(-steps // record_every) + 1  # 0, r, 2r, ... below steps, and steps itself
 
 
-def _estimate(costs: list[_Cost], steps: int | None = None) -> GridEstimate:
+def _estimate(costs: list[_Cost], steps: int | None = None, noise_floor: int = 0) -> GridEstimate:
     datasets: dict[tuple, int] = {}
     schedules: dict[tuple, int] = {}
     references: dict[tuple, tuple[int, int, int]] = {}  # key -> (trajectory bytes, steps, work)
@@ -176,38 +176,45 @@ def _estimate(costs: list[_Cost], steps: int | None = None) -> GridEstimate:
         in_flight_trajectory = max(in_flight_trajectory, _IN_FLIGHT_TRAJECTORIES * trajectory)
     held_references = sum(t for t, _, _ in references.values())
     schedule_bytes = sum(schedules.values())
+    # Noise floors (precision.floors): K more float64 trainings per reference (K - 1 reseeded, 1 reordered), whose
+    # K + 1 trajectories are held together while one reference's floors are measured.
+    per_reference = 1 + noise_floor
+    floor_bytes = (noise_floor + 1) * max((t for t, _, _ in references.values()), default=0) if noise_floor else 0
     return GridEstimate(
-        runs=len(costs) + len(references), steps=total_steps + sum(n for _, n, _ in references.values()),
-        work=work + sum(w for _, _, w in references.values()),
+        runs=len(costs) + per_reference * len(references),
+        steps=total_steps + per_reference * sum(n for _, n, _ in references.values()),
+        work=work + per_reference * sum(w for _, _, w in references.values()),
         memory_bytes=(sum(datasets.values()) + schedule_bytes + held_references + results + in_flight
-                      + CALIBRATION_BYTES),  # run() times its calibration kernel too
+                      + floor_bytes + CALIBRATION_BYTES),  # run() times its calibration kernel too
         schedule_bytes=schedule_bytes, trajectory_bytes=held_references + in_flight_trajectory,
         report_bytes=report)
 
 
-def estimate_grid(specs: Iterable[RunSpec]) -> GridEstimate:
+def estimate_grid(specs: Iterable[RunSpec], noise_floor: int = 0) -> GridEstimate:
     """Estimate what running ``specs`` costs, from the specs alone (no data is loaded, nothing is imported).
 
     Counts what the runner holds at once: every distinct dataset (its arrays and its minibatch schedule of
     steps x batch int64) and reference trajectory (records x params x 8 bytes) stays cached for the whole run, every
     result until the report is written, plus the largest run in flight (its trajectory about three times over and
-    its per-step scalar table). ``work`` sums steps x rows per step x params over the specs and their references."""
-    return _estimate([_cost(spec) for spec in specs])
+    its per-step scalar table). ``work`` sums steps x rows per step x params over the specs and their references;
+    ``noise_floor`` K adds K float64 trainings per reference (its noise floors) and their trajectories."""
+    return _estimate([_cost(spec) for spec in specs], noise_floor=noise_floor)
 
 
-def _largest_steps(costs: list[_Cost]) -> int:
+def _largest_steps(costs: list[_Cost], noise_floor: int = 0) -> int:
     """The largest common step count with which ``costs`` fits every limit (0 if none does)."""
     lo, hi = 0, max(c.steps for c in costs)
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if _estimate(costs, mid).exceeded():
+        if _estimate(costs, mid, noise_floor).exceeded():
             hi = mid - 1
         else:
             lo = mid
     return lo
 
 
-def check_grid(specs: Iterable[RunSpec], *, force: bool = False, cli_names: bool = False) -> GridEstimate:
+def check_grid(specs: Iterable[RunSpec], *, force: bool = False, cli_names: bool = False,
+               noise_floor: int = 0) -> GridEstimate:
     """Check a whole grid before any run starts, loading no data; return its estimate, or raise one SpecError.
 
     Checked, in this order: each problem fits its data set (regression, binary or multiclass labels; from the
@@ -243,12 +250,12 @@ def check_grid(specs: Iterable[RunSpec], *, force: bool = False, cli_names: bool
             raise SpecError(f"data set {data!r} needs scikit-learn: pip install 'precision[data]'")
 
     costs = [_cost(spec) for spec in specs]
-    estimate = _estimate(costs)
+    estimate = _estimate(costs, noise_floor=noise_floor)
     over = estimate.exceeded()
     if over and not force:
         steps = {c.steps for c in costs}
         runs = f"{len(costs)} run{'s' if len(costs) != 1 else ''}"
-        fits = _largest_steps(costs) if len(steps) == 1 else None  # one step count: say how many would fit
+        fits = _largest_steps(costs, noise_floor) if len(steps) == 1 else None  # one step count: say how many would fit
         if fits:
             what = (f"{name('--steps', 'steps', steps.pop())} is too many for this grid of {runs}; at most {fits} "
                     f"steps fit the limits")

@@ -209,7 +209,8 @@ def save_trajectory(folder: Path, spec: RunSpec, traj: Trajectory) -> Path:
         final_dtype=str(traj.final_params.dtype), id=spec.id))
 
 
-def validate(specs: Iterable[RunSpec], *, force: bool = False, cli_names: bool = False) -> list[RunSpec]:
+def validate(specs: Iterable[RunSpec], *, force: bool = False, cli_names: bool = False,
+             noise_floor: int = 0) -> list[RunSpec]:
     """The specs as a list, or one SpecError, before anything runs. First each spec: not a RunSpec, or an id that
     repeats (a report holds one result per id), naming the bad ones (the first three, and how many more); RunSpec
     checks its own fields when made. Then the grid as a whole, loading no data (precision.matrix.check_grid):
@@ -226,7 +227,8 @@ def validate(specs: Iterable[RunSpec], *, force: bool = False, cli_names: bool =
     if problems:
         more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
         raise SpecError(f"{len(problems)} bad spec(s), nothing was run: {'; '.join(problems[:3])}{more}")
-    check_grid(specs, force=force, cli_names=cli_names)
+    check_floor_seeds(noise_floor)
+    check_grid(specs, force=force, cli_names=cli_names, noise_floor=noise_floor)
     return specs
 
 
@@ -253,8 +255,7 @@ def run(specs: Iterable[RunSpec], progress: Callable[[int, int, RunSpec, Result]
     The report also holds the timings of a calibration kernel (precision.calibration), measured before the first
     spec and after the last, which ``precision compare`` divides times by to cancel the machine's load.
     """
-    specs = validate(specs, force=force)
-    check_floor_seeds(noise_floor)
+    specs = validate(specs, force=force, noise_floor=noise_floor)
     if save_params is not None:
         check_folder_target(save_params, "save_params")  # a file there would turn every result into an error
     finished = finished or {}

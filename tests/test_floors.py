@@ -204,3 +204,12 @@ def test_cli_refuses_a_bad_noise_floor_in_one_line(value, message, tmp_path):
                            "--noise-floor", value, "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_grid_estimate_counts_the_floor_runs():
+    """K floor seeds add K float64 trainings per distinct reference (K - 1 reseeded, 1 reordered)."""
+    from precision.matrix import estimate_grid
+    specs = build_specs(["logreg"], ["adam"], ["fp32", "bf16"], data=("breast_cancer",), steps=50)
+    plain, floored = estimate_grid(specs), estimate_grid(specs, noise_floor=5)
+    assert plain.runs == 3 and floored.runs == 3 + 5  # one shared reference
+    assert floored.work == plain.work + 5 * (plain.work // 3) and floored.memory_bytes > plain.memory_bytes

@@ -264,8 +264,8 @@ def check_outputs(args) -> None:
 def main(args) -> int:
     # The whole grid, before anything is written or run: names, repeated ids (--seed 0,0), problem/data fit, batch
     # sizes, optional packages, the size limits (--force) and each backend on the devices asked for.
-    specs = validate(specs_from_args(args), force=args.force, cli_names=True)
     noise_floor = noise_floor_from_args(args)
+    specs = validate(specs_from_args(args), force=args.force, cli_names=True, noise_floor=noise_floor)
     serve = serving_from_args(args)
     out = Path(args.out)
     check_outputs(args)
