@@ -39,7 +39,7 @@ def split_list(text: str | Iterable) -> list[str]:
 
 def build_specs(problems, optimizers, policies, backends=("numpy",), devices=("cpu",), data=("synthetic",),
                 seeds=(0,), steps: int = DEFAULT_STEPS, batch_size: int | None = 128, lr: float | None = None,
-                record_every: int = 20) -> list[RunSpec]:
+                record_every: int = 20, accum_steps=(1,)) -> list[RunSpec]:
     """Every combination of the given choices (validated up front, so a typo fails before any run)."""
     problems = [get_problem(p).name for p in problems]
     opts = [make_optimizer(o, lr=lr) for o in optimizers]
@@ -49,8 +49,9 @@ def build_specs(problems, optimizers, policies, backends=("numpy",), devices=("c
             from .errors import choice_error
             raise choice_error("backend", b, BACKENDS)
     return [RunSpec(problem=p, optimizer=o, policy=pol, backend=b, device=dev, data=d, steps=steps, seed=s,
-                    batch_size=batch_size, record_every=record_every)
-            for p, d, o, pol, b, dev, s in itertools.product(problems, data, opts, pols, backends, devices, seeds)]
+                    batch_size=batch_size, record_every=record_every, accum_steps=k)
+            for p, d, o, pol, k, b, dev, s in itertools.product(problems, data, opts, pols, accum_steps, backends,
+                                                                devices, seeds)]
 
 
 def default_specs(backends: Iterable[str] | None = None) -> list[RunSpec]:
@@ -126,6 +127,7 @@ class _Cost:
     rows: int  # rows per step
     minibatch: bool  # a schedule of steps x rows int64 is made
     data_bytes: int  # the arrays of the dataset other than the schedule
+    trainings: int = 1  # 2 for gradient accumulation: the run and the same run in one batch
 
 
 def _cost(spec: RunSpec) -> _Cost:
@@ -138,10 +140,11 @@ def _cost(spec: RunSpec) -> _Cost:
     minibatch = spec.batch_size is not None and spec.batch_size < n_train
     return _Cost(dataset_key=(spec.problem, spec.data, spec.seed, spec.batch_size),
                  reference_key=(spec.problem, spec.data, spec.seed, spec.batch_size, spec.optimizer,
-                                spec.record_every),
+                                spec.record_every, spec.accum_steps),
                  steps=spec.steps, record_every=spec.record_every, params=params,
                  rows=spec.batch_size if minibatch else n_train, minibatch=minibatch,
-                 data_bytes=(n_train + n_test) * (info.features + 1) * 8 + params * 8)
+                 data_bytes=(n_train + n_test) * (info.features + 1) * 8 + params * 8,
+                 trainings=2 if spec.accum_steps > 1 else 1)
 
 
 def _prod(shape) -> int:
@@ -168,8 +171,8 @@ def _estimate(costs: list[_Cost], steps: int | None = None, noise_floor: int = 0
         datasets[key] = c.data_bytes
         schedules[key] = n * c.rows * 8 if c.minibatch else 0
         references[c.reference_key + (n,)] = (trajectory, n, n * c.rows * c.params)
-        work += n * c.rows * c.params
-        total_steps += n
+        work += c.trainings * n * c.rows * c.params
+        total_steps += c.trainings * n
         results += _RESULT_BYTES + records * _RESULT_BYTES_PER_RECORD
         report += _REPORT_BYTES + records * _REPORT_BYTES_PER_RECORD
         in_flight = max(in_flight, _IN_FLIGHT_TRAJECTORIES * trajectory + _SCALAR_BYTES_PER_STEP * n)
@@ -181,7 +184,7 @@ def _estimate(costs: list[_Cost], steps: int | None = None, noise_floor: int = 0
     per_reference = 1 + noise_floor
     floor_bytes = (noise_floor + 1) * max((t for t, _, _ in references.values()), default=0) if noise_floor else 0
     return GridEstimate(
-        runs=len(costs) + per_reference * len(references),
+        runs=sum(c.trainings for c in costs) + per_reference * len(references),
         steps=total_steps + per_reference * sum(n for _, n, _ in references.values()),
         work=work + per_reference * sum(w for _, _, w in references.values()),
         memory_bytes=(sum(datasets.values()) + schedule_bytes + held_references + results + in_flight

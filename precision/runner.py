@@ -18,6 +18,7 @@ from .calibration import Calibrator
 from .data import Dataset, make_dataset
 from .drift import compare, fingerprint
 from .errors import PrecisionError, SpecError
+from .accumulation import accumulation_figures
 from .floors import Floors, check_floor_seeds, judge, measure_floors
 from .matrix import check_grid
 from .report import Report, Result, environment, now_utc
@@ -128,6 +129,9 @@ def run_one(spec: RunSpec, cache: _Cache | None = None, save_params: Path | None
         ref = cache.reference(spec)
         traj = get_backend(spec.backend).train(spec, dataset)
         result = _result(spec, traj, ref, dataset)
+        if spec.accum_steps > 1:  # what accumulating changed: the same run in one batch, same backend and policy
+            one_batch = get_backend(spec.backend).train(dataclasses.replace(spec, accum_steps=1), dataset)
+            result = dataclasses.replace(result, accumulation=accumulation_figures(spec, traj, one_batch, dataset))
         if noise_floor:
             result = with_floors(result, cache.floors(spec, noise_floor))
         if serve is not None and result.status == "ok":

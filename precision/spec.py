@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .data import DATA_SOURCES, MAX_SEED, check_seed
+from .data import DATA_SETS, DATA_SOURCES, MAX_SEED, check_seed, split_sizes
 from .errors import SpecError, choice_error
 from .optim import OptimizerSpec
 from .policy import PRESETS, Policy
@@ -30,6 +30,9 @@ class RunSpec:
     seed: int = 0
     batch_size: int | None = 128  # None: full batch
     record_every: int = 20
+    # Gradient accumulation: each step's batch split into this many consecutive micro-batches whose gradients are
+    # summed in the accumulator format (precision.backends.step_rules.ACCUMULATION, docs/accumulation.md). 1: none.
+    accum_steps: int = 1
 
     def __post_init__(self):
         # Structural checks only, all cheap: a spec that passes them can be handed to run() and, at worst, becomes an
@@ -59,6 +62,24 @@ class RunSpec:
                             f"command line)")
         if self.device not in DEVICES:
             raise choice_error("device", self.device, DEVICES)
+        self._check_accum_steps()
+
+    def _check_accum_steps(self) -> None:
+        """accum_steps: a positive integer, at most the rows of one step's batch (each micro-batch needs a row): the
+        batch size, or the train split's rows for a full batch or a batch at least that large (make_dataset then
+        trains on the full batch). The rows come from the data set's table (precision.data.DATA_SETS): nothing is
+        loaded. A dataset made by hand is checked again when training starts (step_rules.micro_batches)."""
+        k = self.accum_steps
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 < k <= MAX_COUNT:
+            raise SpecError(f"accum_steps {k!r} must be a positive integer (1: no gradient accumulation)")
+        if k == 1:
+            return
+        train_rows, _ = split_sizes(DATA_SETS[self.data].samples)
+        rows = train_rows if self.batch_size is None else min(self.batch_size, train_rows)
+        if k > rows:
+            batch = "full batch" if rows == train_rows else f"batch size {self.batch_size}"
+            raise SpecError(f"accum_steps {k} exceeds the {rows} rows of one step ({batch} of {self.data!r}); valid "
+                            f"range: 1..{rows} (each micro-batch needs at least one row)")
 
     @property
     def policy_name(self) -> str:
@@ -68,11 +89,14 @@ class RunSpec:
     def id(self) -> str:
         """Stable, readable identity: the same string for the same run on any machine and commit."""
         batch = "full" if self.batch_size is None else str(self.batch_size)
+        # accum_steps 1 adds nothing: the ids (and so the reports) of runs without accumulation are unchanged.
+        accum = "" if self.accum_steps == 1 else f",accum={self.accum_steps}"
         return (f"{self.problem}:{self.data}/{self.optimizer}/{self.policy.name}/{self.backend}-{self.device}"
-                f"/steps={self.steps},bs={batch},seed={self.seed},rec={self.record_every}")
+                f"/steps={self.steps},bs={batch},seed={self.seed},rec={self.record_every}{accum}")
 
     def reference(self) -> "RunSpec":
-        """The float64 numpy run this one is measured against."""
+        """The float64 numpy run this one is measured against. It keeps ``accum_steps``: the reference of an
+        accumulated run accumulates the same way, so its drift measures the formats only."""
         return dataclasses.replace(self, policy=PRESETS["fp64"], backend="numpy", device="cpu")
 
     def to_dict(self) -> dict:
@@ -81,5 +105,5 @@ class RunSpec:
             "optimizer": dataclasses.asdict(self.optimizer) | {"betas": list(self.optimizer.betas)},
             "policy": str(self.policy), "policy_name": self.policy.name, "backend": self.backend,
             "device": self.device, "steps": self.steps, "seed": self.seed, "batch_size": self.batch_size,
-            "record_every": self.record_every,
+            "record_every": self.record_every, "accum_steps": self.accum_steps,
         }

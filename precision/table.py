@@ -20,7 +20,8 @@ def _sort_key(r: Result):
     s = r.spec
     policy = s["policy_name"]
     rank = POLICY_ORDER.index(policy) if policy in POLICY_ORDER else len(POLICY_ORDER)
-    return (s["problem"], s["data"], s["optimizer"]["name"], rank, policy, s["backend"], s["device"])
+    return (s["problem"], s["data"], s["optimizer"]["name"], rank, policy, s.get("accum_steps", 1), s["backend"],
+            s["device"])
 
 
 def _status(r: Result) -> str:
@@ -34,19 +35,23 @@ def format_table(report: Report) -> str:
     """The report as a text table. Report text is escaped (precision/_terminal.py): a report can come from
     anyone, and no control character of it reaches the terminal."""
     with_floors = any(r.floors is not None for r in report.results)
+    with_accum = any(r.spec.get("accum_steps", 1) > 1 for r in report.results)
     headers = ("problem", "optimizer", "policy", "backend", "us/step", "bits", "rel_l2", "max_ulp",
-               "loss", "loss_gap", "flips", "diverged") + (("verdict",) if with_floors else ()) + ("status",)
+               "loss", "loss_gap", "flips", "diverged") + (("accum", "bits vs 1 batch") if with_accum else ()) + (
+        ("verdict",) if with_floors else ()) + ("status",)
     rows = []
     for r in sorted(report.results, key=_sort_key):
         s = r.spec
         us = None if r.time_per_step_s is None else r.time_per_step_s * 1e6
         verdict = (safe_text(r.verdict["label"]) if r.verdict else "-",) if with_floors else ()
+        accum = (str(s.get("accum_steps", 1)), _num((r.accumulation or {}).get("bits_of_agreement"), ".1f")
+                 ) if with_accum else ()
         rows.append((safe_text(f"{s['problem']}:{s['data']}"), safe_text(s["optimizer"]["name"]),
                      safe_text(s["policy_name"]), safe_text(f"{s['backend']}-{s['device']}"), _num(us, ".1f"),
                      _num(r.bits_of_agreement, ".1f"),
                      _num(r.rel_l2, ".2e", "inf" if r.status == "diverged" else "-"), _num(r.max_ulp, ".3g"),
                      _num(r.final_loss, ".4g"), _num(r.loss_gap, ".2e"), _num(r.flip_rate, ".3f"),
-                     _num(r.diverged_at, "d"), *verdict, _status(r)))
+                     _num(r.diverged_at, "d"), *accum, *verdict, _status(r)))
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(headers)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)), "  ".join("-" * w for w in widths)]
     ordered = sorted(report.results, key=_sort_key)

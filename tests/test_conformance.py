@@ -10,9 +10,10 @@ from that derivation, never from a backend's output. Every available backend mus
 backend shows as a skip with its reason (and fails the run when the environment variable ``CI`` is set).
 
 Cases: divergence on params (not only weights), inf and NaN in data and targets, Adam's eps underflowing to 0,
-loss-scale overflow, zero and huge learning rates, one-row and empty batches, the policy grammar's every field
-combination, the rules' structure (the conversions each loop makes, numba's per-element update against the
-reference step) and a mutation check (a backend that checks only the weights fails the suite).
+loss-scale overflow, zero and huge learning rates, one-row and empty batches, gradient accumulation (micro-batches:
+the doubling and loss-scale cases again, and the order of the sum), the policy grammar's every field combination,
+the rules' structure (the conversions each loop makes, numba's per-element update against the reference step) and a
+mutation check (a backend that checks only the weights fails the suite).
 """
 
 from __future__ import annotations
@@ -81,10 +82,10 @@ def with_zero_lr(opt: OptimizerSpec) -> OptimizerSpec:
 
 
 def run(backend: str, dataset: Dataset, opt: OptimizerSpec, policy: Policy, steps: int,
-        record_every: int = 1) -> Trajectory:
+        record_every: int = 1, accum_steps: int = 1) -> Trajectory:
     batch = None if dataset.batches is None else int(dataset.batches.shape[1])
     spec = RunSpec(problem=dataset.problem, optimizer=opt, policy=policy, backend=backend, steps=steps,
-                   batch_size=batch, record_every=record_every)
+                   batch_size=batch, record_every=record_every, accum_steps=accum_steps)
     return get_backend(backend).train(spec, dataset)
 
 
@@ -108,6 +109,7 @@ class Case:
     steps: int
     diverged_at: int | None
     params: tuple | None = None  # expected params (float64 values) at steps 0, 1, ..., bit for bit; None: unstated
+    accum_steps: int = 1  # micro-batches per step (step_rules.ACCUMULATION)
 
     def __str__(self):
         return self.name
@@ -115,7 +117,7 @@ class Case:
 
 def check_case(case: Case, backend: str) -> Trajectory:
     """Run ``case`` on ``backend`` (recording every step) and assert the expected outcome."""
-    traj = run(backend, case.dataset, case.optimizer, case.policy, case.steps)
+    traj = run(backend, case.dataset, case.optimizer, case.policy, case.steps, accum_steps=case.accum_steps)
     where = f"{case.name} on {backend}"
     assert traj.diverged_at == case.diverged_at, (
         f"{where}: diverged_at {traj.diverged_at}, expected {case.diverged_at}; params at steps "
@@ -260,6 +262,48 @@ LOSS_SCALE_CASES = [
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_loss_scale_overflow(backend, case):
     check_case(case, backend)
+
+
+# -- 4b. gradient accumulation (step_rules.ACCUMULATION) -------------------------------------------------------------
+# DOUBLING in K = 2 micro-batches (row [1], then row [-1]), each with the whole batch's seed scale ls/2: micro-batch 1
+# gives (g_w, g_b) = (w ls/2, w ls/2), micro-batch 2 gives (w ls/2, -w ls/2); summed in A (fp32, exact: powers of
+# two) that is (w ls, 0), the one-batch gradient, so the params are those of the K = 1 cases above, bit for bit. A
+# backend that divided each micro-batch by its own size (1) would get 2 w ls: w' = w - 6 w = -5 w, not a power of two.
+# The loss-scale cases also show that the sum is rounded to C once: each micro-gradient +-2^(n-2+k) still fits fp16,
+# their sum 2^(n-1+k) in fp32 does too, and only its rounding to fp16 overflows, at the same step 17 - k as without
+# accumulation (a backend that handed the fp32 sum on to the update would not diverge there: w stays +-2^n).
+#
+# The order of the sum: linreg with one feature, x = 1 in all four rows, w = b = 0, targets (-4, -2^-22, -2^-22, 0),
+# B = K = 4 (one row per micro-batch, seed scale 1/4): the micro-gradients of w and of b are both -y_i / 4 = 1,
+# 2^-24, 2^-24, 0. In fp32 (u = 2^-24), summed in order from micro-batch 1: 1 + 2^-24 is a tie and rounds to even, 1;
+# so is the next addition: g = 1 exactly, and SGD with lr 1 gives w = b = -1. Any other order that adds the two small
+# terms first gives 1 + 2^-23 (and a one-batch sum may do either: BLAS's order is not specified). In fp64 every sum is
+# exact: -(1 + 2^-23).
+ORDER = crafted("linreg", [[1.0]] * 4, [-4.0, -2.0**-22, -2.0**-22, 0.0], [0.0, 0.0])
+ACCUM_CASES = [
+    dataclasses.replace(DOUBLING_PARAMS, name="params-overflow-master-finite/accum=2", accum_steps=2),
+    *(dataclasses.replace(case, name=f"{case.name}/accum=2", accum_steps=2) for case in LOSS_SCALE_CASES),
+    Case("order/fp32/accum=4", ORDER, sgd(1.0), PRESETS["fp32"], steps=1, diverged_at=None,
+         params=((0.0, 0.0), (-1.0, -1.0)), accum_steps=4),
+    Case("order/fp64/accum=4", ORDER, sgd(1.0), PRESETS["fp64"], steps=1, diverged_at=None,
+         params=((0.0, 0.0), (-(1 + 2.0**-23), -(1 + 2.0**-23))), accum_steps=4),
+]
+
+
+@pytest.mark.parametrize("case", ACCUM_CASES, ids=str)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_gradient_accumulation(backend, case):
+    check_case(case, backend)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_more_micro_batches_than_rows_are_refused_naming_the_value(backend):
+    """K micro-batches need K rows: RunSpec refuses K above the data set's rows (from the table), and every backend
+    refuses K above its dataset's batch (a hand-made one here: 4 rows) with a SpecError naming K and 1..4."""
+    with pytest.raises(SpecError, match=r"accum_steps 129 exceeds the 128 rows"):
+        RunSpec(problem="logreg", optimizer=sgd(0.1), policy=PRESETS["fp32"], batch_size=128, accum_steps=129)
+    with pytest.raises(SpecError, match=r"accum_steps 5 exceeds the batch's 4 rows; valid range: 1\.\.4"):
+        run(backend, TINY, sgd(0.1), PRESETS["fp32"], steps=2, accum_steps=5)
 
 
 # -- 5. zero and huge learning rates -------------------------------------------------------------------------------
@@ -537,17 +581,18 @@ class Recorder:
         return self.convert(x, src, dst)
 
 
+@pytest.mark.parametrize("accum_steps", [1, 3])
 @pytest.mark.parametrize("opt", ["adam", "sgd-momentum", "sgd"])
 @pytest.mark.parametrize("policy", STRUCTURE_POLICIES)
-def test_numpy_loop_makes_the_chains_conversions(policy, opt, monkeypatch):
+def test_numpy_loop_makes_the_chains_conversions(policy, opt, accum_steps, monkeypatch):
     import precision.backends.numpy_backend as numpy_backend
     pol = STRUCTURE_POLICIES[policy]
     optimizer = {"adam": make_optimizer("adam", lr=0.01), "sgd-momentum": sgd(0.05, 0.9), "sgd": sgd(0.05)}[opt]
     recorder = Recorder(numpy_backend.convert)
     monkeypatch.setattr(numpy_backend, "convert", recorder)
     steps = 3
-    run("numpy", TINY, optimizer, pol, steps)
-    per_step = step_rules.conversion_sequence(pol, state_size(optimizer))
+    run("numpy", TINY, optimizer, pol, steps, accum_steps=accum_steps)
+    per_step = step_rules.conversion_sequence(pol, state_size(optimizer), accum_steps)
     # the first two conversions are the data's (X and targets, fp64 -> C, once up front)
     assert recorder.calls[:2] == [(FP64, pol.compute)] * 2
     assert recorder.calls[2:] == per_step * steps
@@ -644,3 +689,19 @@ def test_the_suite_catches_a_weights_only_divergence_check(backend, case, monkey
             check_case(case, backend)
     finally:
         clear()
+
+
+def reversed_sum(convert, pol, micro_gradients):
+    return step_rules.accumulate(convert, pol, list(micro_gradients)[::-1])
+
+
+def test_the_suite_catches_micro_batches_summed_out_of_order(monkeypatch):
+    """The numpy loop's accumulation (step_rules.accumulate) replaced by one that sums the last micro-batch first:
+    the fp32 order case then fails (1 + 2^-23 instead of 1), while the fp64 one, exact in any order, still passes."""
+    fp32_case, fp64_case = ACCUM_CASES[-2:]
+    check_case(fp32_case, "numpy")
+    import precision.backends.numpy_backend as numpy_backend
+    monkeypatch.setattr(numpy_backend, "accumulate", reversed_sum)
+    with pytest.raises(AssertionError, match="params"):
+        check_case(fp32_case, "numpy")
+    check_case(fp64_case, "numpy")

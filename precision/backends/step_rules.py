@@ -15,6 +15,10 @@ Three things are stated here, each once, as data and as small pure functions:
 3. **The scalar and initial-value rules** (:data:`SCALAR_RULES`, :func:`host_scalars`, :func:`initial_values`):
    every host scalar is computed in float64 and rounded once to the format it is used in; weights start as the
    float64 init rounded once to W, params as those weights converted to P, state at zero in S.
+4. **Gradient accumulation** (:data:`ACCUMULATION`, :data:`ACCUMULATION_CHAIN`, :func:`micro_batches`,
+   :func:`accumulate`): with ``RunSpec.accum_steps`` K > 1, link 2 of the chain (the gradient in C) is computed
+   from K consecutive micro-batches of the step's batch, each with the whole batch's seed scale, summed in order in
+   A and rounded once to C. K = 1 is the chain as it was, the same code in every backend.
 
 tests/test_conformance.py is the executable form of these rules: every backend in ``BACKENDS`` must give the same
 outcomes on its crafted cases (docs/conformance.md).
@@ -37,7 +41,7 @@ from ..policy import Policy
 
 __all__ = ["Link", "STEP_CHAIN", "DIVERGENCE_CHECKED", "DIVERGENCE_RULE", "SCALAR_RULES", "StepResult",
            "apply_step", "all_finite", "state_store", "conversion_sequence", "HostScalars", "host_scalars",
-           "initial_values", "reference_step"]
+           "initial_values", "reference_step", "ACCUMULATION", "ACCUMULATION_CHAIN", "micro_batches", "accumulate"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +81,17 @@ STEP_CHAIN: tuple[Link, ...] = (
     Link("params", "weights", "params", "new params: round(new weights, P)"),
 )
 
+# Link 2 of STEP_CHAIN when K > 1, in order: what a backend's ``gradient(params_c)`` does (accumulate() below is it as
+# code). ``per`` "micro-batch" links repeat for each of the K micro-batches.
+ACCUMULATION_CHAIN = (
+    Link("micro-gradient", "compute", "compute",
+         "a micro-batch's gradient in C, as link 2 computes a batch's, seed round(ls / B, C) with B the whole batch",
+         per="micro-batch"),
+    Link("micro-gradient", "compute", "accum", "converted to A (exact: A is at least as wide as C)", per="micro-batch"),
+    Link("gradient", "accum", "accum", "summed in order, micro-batch 1 first; each addition rounded to A"),
+    Link("gradient", "accum", "compute", "the sum rounded once to C: link 2's result"),
+)
+
 DIVERGENCE_CHECKED = ("weights", "params")
 DIVERGENCE_RULE = ("diverged_at is the first step (1-based) after which the new weights or the new params are not "
                    "all finite; that step is completed (weights, state, params stored) and its values are what is "
@@ -90,6 +105,25 @@ SCALAR_RULES = {
     "optimizer": "precision.optim.scalar_table(opt, steps, U): float64 on the host, rounded once to U",
     "data": "X and targets rounded once from float64 to C, up front",
     "initial": "weights = round(init, W) from float64; params = convert(weights, W -> P); state = zeros in S",
+}
+
+
+# Gradient accumulation (RunSpec.accum_steps = K). Each entry is one decision and the reason for it;
+# docs/accumulation.md derives what it does to the numbers.
+ACCUMULATION = {
+    "split": "the step's batch (the same rows as without accumulation, in the same order) is split into K consecutive "
+             "micro-batches with numpy.array_split's sizes: the first B mod K have ceil(B/K) rows, the rest "
+             "floor(B/K) (sizes differ by at most one; K <= B, else SpecError naming K and 1..B)",
+    "seed": "each micro-batch's gradient is today's gradient of its rows, computed in C exactly as link 2 computes a "
+            "batch's, with the seed scale of the WHOLE batch, round(ls / B, C): it is that micro-batch's share of "
+            "the batch mean (torch/HF loops divide each micro-batch's loss by the number of micro-batches for equal "
+            "sizes; dividing by B keeps the mean exact for unequal sizes too)",
+    "sum": "the micro-gradients are converted to A and summed in order, micro-batch 1 first (the sum starts as "
+           "micro-batch 1's gradient, as torch's .grad is assigned by the first backward and added to by the next), "
+           "each addition rounded to A",
+    "round": "the sum is rounded once to C; the step chain then goes on unchanged from link 3 (gradient C -> U, "
+             "unscale, update)",
+    "identity": "K = 1 is the chain without accumulation, bit for bit: every backend runs its unchanged code path",
 }
 
 
@@ -135,13 +169,46 @@ def apply_step(xp, convert: Callable, pol: Policy, gradient: Callable, update: C
     return StepResult(w, new_state, p, all_finite(xp, w, p))
 
 
-def conversion_sequence(pol: Policy, n_state: int) -> list[tuple]:
+def micro_batches(batch_size: int, accum_steps: int) -> tuple[tuple[int, int], ...]:
+    """The (start, stop) row positions of the K = ``accum_steps`` micro-batches within a step's batch of
+    ``batch_size`` rows: consecutive, in order, with numpy.array_split's sizes (the first ``B mod K`` one row
+    longer). K larger than the batch is refused with a SpecError naming K and the valid range."""
+    k, b = accum_steps, batch_size
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
+        raise SpecError(f"accum_steps {k!r} must be a positive integer (1: no gradient accumulation)")
+    if k > b:
+        raise SpecError(f"accum_steps {k} exceeds the batch's {b} rows; valid range: 1..{b} (each micro-batch "
+                        f"needs at least one row)")
+    q, r = divmod(int(b), int(k))
+    bounds, start = [], 0
+    for i in range(int(k)):
+        stop = start + q + (1 if i < r else 0)
+        bounds.append((start, stop))
+        start = stop
+    return tuple(bounds)
+
+
+def accumulate(convert: Callable, pol: Policy, micro_gradients) -> object:
+    """:data:`ACCUMULATION_CHAIN` as code: the micro-gradients (an iterable of flat gradients in C, micro-batch 1
+    first, e.g. a generator computing each when asked) converted to A, summed in order and rounded once to C."""
+    total = None
+    for g in micro_gradients:
+        g = convert(g, pol.compute, pol.accum)
+        total = g if total is None else total + g
+    return convert(total, pol.accum, pol.compute)
+
+
+def conversion_sequence(pol: Policy, n_state: int, accum_steps: int = 1) -> list[tuple]:
     """The (src, dst) Format pairs that :data:`STEP_CHAIN` converts, in order, for ``pol`` and ``n_state`` state
     vectors, including the round trip of each new moment through S inside the update (:func:`state_store`, for an
-    optimizer whose moments are stored: Adam's m and v, SGD's buffer). Conversions between equal formats are
-    listed too (a backend's ``convert`` returns its input then)."""
+    optimizer whose moments are stored: Adam's m and v, SGD's buffer), and with ``accum_steps`` K > 1 link 2 as
+    :data:`ACCUMULATION_CHAIN` (K conversions C -> A, then A -> C) after link 1. Conversions between equal formats
+    are listed too (a backend's ``convert`` returns its input then)."""
     seq = []
     for link in STEP_CHAIN:
+        if link.quantity == "gradient" and link.src == link.dst == "compute" and accum_steps > 1:
+            seq += [(pol.compute, pol.accum)] * accum_steps + [(pol.accum, pol.compute)]
+            continue
         if link.quantity == "update":
             if pol.state != pol.update:
                 seq += [(pol.update, pol.state), (pol.state, pol.update)] * n_state

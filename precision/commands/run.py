@@ -113,6 +113,10 @@ def add_parser(sub):
     p.add_argument("--batch-size", default="128", help="minibatch size (at most the data set's training rows), "
                    "or 'full' (default 128)")
     p.add_argument("--lr", help="learning rate (default: the optimizer's own)")
+    p.add_argument("--accum-steps", default="1", metavar="K",
+                   help="gradient accumulation: each step's batch as K micro-batches whose gradients are summed in "
+                        "the accumulator format (comma-separated for several; default 1: none); a run with K > 1 "
+                        "also reports how far it lands from the same run in one batch")
     p.add_argument("--record-every", default="20", help="record params every N steps (default 20)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"report JSON path (default {DEFAULT_OUT})")
     p.add_argument("--save-params", metavar="DIR", help="write each run's params trajectory as DIR/<id>.npz")
@@ -152,6 +156,7 @@ def specs_from_args(args):
     steps = _positive_int("steps")(args.steps)
     record_every = _positive_int("record-every")(args.record_every)
     batch_size = _batch_size(args.batch_size)
+    accum_steps = [_positive_int("accum-steps")(k) for k in split_list(args.accum_steps)]
     seeds = [int(s) if s.lstrip("-").isdigit() else _bad_seed(s) for s in seed_items or ["0"]]
     lr = None
     if args.lr is not None:
@@ -165,9 +170,9 @@ def specs_from_args(args):
         specs = default_specs(backends)
         import dataclasses
         return [dataclasses.replace(s, steps=steps, record_every=record_every, batch_size=batch_size, seed=seed,
-                                    optimizer=dataclasses.replace(s.optimizer, lr=lr) if lr is not None
-                                    else s.optimizer)
-                for s in specs for seed in seeds]
+                                    accum_steps=k, optimizer=dataclasses.replace(s.optimizer, lr=lr)
+                                    if lr is not None else s.optimizer)
+                for s in specs for k in accum_steps for seed in seeds]
     devices = devices or ["cpu"]
     if backends is None:  # every backend that runs on one of the devices asked for
         backends = [b for b in BACKENDS if any(backend_availability(b, d).available for d in devices)]
@@ -179,7 +184,7 @@ def specs_from_args(args):
         problems=problems or ["logreg"], optimizers=optimizers or ["adam"],
         policies=policies or split_policies("fp64,fp32,fp16,bf16,bf16-mixed"), backends=backends,
         devices=devices, data=data or ["synthetic"], seeds=seeds,
-        steps=steps, batch_size=batch_size, lr=lr, record_every=record_every)
+        steps=steps, batch_size=batch_size, lr=lr, record_every=record_every, accum_steps=accum_steps)
 
 
 def _default_matrix(args) -> bool:

@@ -17,7 +17,7 @@ from ...formats import get_format, to_format
 from ...policy import Policy
 from ...spec import DEVICES, RunSpec
 from ...trajectory import Trajectory
-from ..step_rules import host_scalars
+from ..step_rules import host_scalars, micro_batches
 from ..base import Availability, drive_chunks, record_schedule
 from ..numpy_backend import targets_for
 from ..numpy_backend.ops import convert as host_convert
@@ -83,6 +83,7 @@ def _prepare(spec: RunSpec, dataset: Dataset, device: jax.Device) -> _Prepared:
     T = host_convert(targets_for(dataset, dataset.y_train), _FP64, pol.compute)
     # Host scalars by the shared rules (step_rules.host_scalars: float64, rounded once), passed typed (0-d arrays).
     scalars = host_scalars(pol, opt, spec.steps, dataset.batch_size)
+    micro_batches(dataset.batch_size, spec.accum_steps)  # K larger than the batch: SpecError before any tracing
     scale = to_format(scalars.seed_scale, pol.compute)  # exact: already rounded to C
     unscale = to_format(1.0 if scalars.unscale is None else scalars.unscale, pol.update)  # unused without ls
     table = scalars.table.astype(pol.update.dtype)  # exact: rounded to U by scalar_table
@@ -92,7 +93,8 @@ def _prepare(spec: RunSpec, dataset: Dataset, device: jax.Device) -> _Prepared:
     batch = 0 if dataset.batches is None else int(dataset.batches.shape[1])
     loop = LoopSpec(problem=spec.problem, layout=tuple(dataset.layout), optimizer=structure(opt), policy=pol,
                     chunk_steps=chunk_steps, x_shape=X.shape, t_shape=T.shape, batch=batch,
-                    n_params=dataset.n_params, has_unscale=pol.loss_scale is not None, device=device)
+                    n_params=dataset.n_params, has_unscale=pol.loss_scale is not None, device=device,
+                    accum_steps=spec.accum_steps)
     inputs = {start: chunk_inputs(table, dataset.batches, start, stop, chunk_steps, device)
               for start, stop in zip(marks[:-1], marks[1:])}
     return _Prepared(loop, jax.device_put((X, T, scale, unscale), device), inputs,

@@ -10,6 +10,9 @@ One compiled program serves a whole run: every chunk has the same length ``chunk
 carry unchanged. Divergence is carried too (the rule of step_rules: the first step whose new weights or params
 are not all finite) and every later step is masked, so the state after that step is what the host reads, as in
 the reference.
+
+With gradient accumulation (``accum_steps`` K > 1, static in the program) the step's gradient is
+:func:`accumulated_gradient`: the micro-batch loop runs inside the step, still under the one ``lax.scan`` over steps.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import numpy as np
 
 from ...optim import OptimizerSpec
 from ...policy import Policy
-from ..step_rules import apply_step, initial_values, state_store
+from ..step_rules import apply_step, initial_values, micro_batches, state_store
 from .models import gradient
 from .ops import JaxOps, convert
 from .update import update
@@ -64,6 +67,7 @@ class LoopSpec:
     n_params: int
     has_unscale: bool
     device: Any
+    accum_steps: int = 1  # K micro-batches per step, static (accumulated_gradient: inner scans, not K copies)
 
 
 def make_step(spec: LoopSpec, opt: OptimizerSpec, X, T, scale, unscale) -> Callable:
@@ -81,8 +85,14 @@ def make_step(spec: LoopSpec, opt: OptimizerSpec, X, T, scale, unscale) -> Calla
             Xb, Tb = jnp.take(X, xs.rows, axis=0), jnp.take(T, xs.rows, axis=0)
         else:
             Xb, Tb = X, T
+        if spec.accum_steps == 1:
+            def grad(pc):
+                return gradient(spec.problem, compute, pc, Xb, Tb, scale, spec.layout)
+        else:
+            def grad(pc):
+                return accumulated_gradient(spec, compute, pc, Xb, Tb, scale)
         w, st, p, finite = apply_step(
-            jnp, convert, pol, lambda pc: gradient(spec.problem, compute, pc, Xb, Tb, scale, spec.layout),
+            jnp, convert, pol, grad,
             lambda w_u, g, st_u: update(opt, xs.step, xs.scalars, w_u, g, st_u, store_state),
             carry.weights, carry.params, carry.state, unscale if spec.has_unscale else None)
         active = xs.valid & (carry.diverged_at == 0)
@@ -90,6 +100,37 @@ def make_step(spec: LoopSpec, opt: OptimizerSpec, X, T, scale, unscale) -> Calla
         return jax.tree.map(lambda n, o: jnp.where(active, n, o), new, carry), None
 
     return step_fn
+
+
+def accumulated_gradient(spec: LoopSpec, compute: JaxOps, pc, Xb, Tb, scale):
+    """The step's gradient from ``spec.accum_steps`` micro-batches (``step_rules.ACCUMULATION``; the numpy loop
+    calls ``step_rules.accumulate``, this is the same chain under ``jit``): each micro-batch's gradient in C with
+    the whole batch's seed scale, converted to A and added in order, micro-batch 1 first; the sum rounded once to C.
+
+    Micro-batch 1 is computed on its own (the sum starts as its gradient); the others run as a ``lax.scan`` per run
+    of equal sizes (array_split's sizes: at most two runs, the longer micro-batches first), in order, so the
+    program's size does not grow with K. ``Xb``, ``Tb``: the step's rows (gathered, or the full batch)."""
+    pol = spec.policy
+
+    def micro(X_part, T_part):
+        return convert(gradient(spec.problem, compute, pc, X_part, T_part, scale, spec.layout), pol.compute,
+                       pol.accum)
+
+    bounds = micro_batches(Xb.shape[0], spec.accum_steps)
+    total = micro(Xb[bounds[0][0]:bounds[0][1]], Tb[bounds[0][0]:bounds[0][1]])
+    # the remaining micro-batches as runs of equal size: (first row, rows per micro-batch, count)
+    runs: list[list[int]] = []
+    for start, stop in bounds[1:]:
+        if runs and runs[-1][1] == stop - start:
+            runs[-1][2] += 1
+        else:
+            runs.append([start, stop - start, 1])
+    for first, size, count in runs:
+        rows = slice(first, first + size * count)
+        X_run = Xb[rows].reshape((count, size) + Xb.shape[1:])
+        T_run = Tb[rows].reshape((count, size) + Tb.shape[1:])
+        total, _ = jax.lax.scan(lambda acc, part: (acc + micro(*part), None), total, (X_run, T_run))
+    return convert(total, pol.accum, pol.compute)
 
 
 @dataclasses.dataclass(frozen=True)

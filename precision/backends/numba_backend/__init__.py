@@ -7,7 +7,8 @@ Formats are runtime arguments, so one compilation per problem family serves ever
 dtype for the matrix products); kernels are cached on disk (``cache=True``, with a guard against stale caches in
 :mod:`._cache`). ``compile_s`` is the time of a zero-step call that compiles (or loads from the cache) the loop
 before the timed chunks start. Everything is single-threaded with fixed summation orders: results do not depend on
-the thread count. How it works, and what differs from numpy and why: docs/numba.md.
+the thread count. How it works, and what differs from numpy and why: docs/numba.md. Gradient accumulation
+(``accum_steps`` > 1) runs the ``run_*_accum`` loops, the micro-batch loop compiled inside them (:mod:`.loops`).
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from ...policy import Policy
 from ...spec import RunSpec
 from ...trajectory import Trajectory
 from ..base import Availability, drive_chunks
-from ..step_rules import host_scalars
+from ..step_rules import host_scalars, micro_batches
 from ..numpy_backend import targets_for
 from ._cache import drop_stale_caches
-from .loops import run_linear, run_mlp, run_softmax
+from .loops import run_linear, run_linear_accum, run_mlp, run_mlp_accum, run_softmax, run_softmax_accum
 from .linalg import pair
 from .models import linear_width, make_work
 from .rounding import format_code, static_code
@@ -89,6 +90,7 @@ class NumbaBackend:
         # Host scalars by the shared rules (step_rules.host_scalars), exactly as the numpy backend makes them; the
         # loops multiply by ``unscale`` unconditionally, so no loss scale means exactly 1.0.
         scalars = host_scalars(pol, spec.optimizer, spec.steps, batch)
+        parts = micro_batches(batch, spec.accum_steps)
         scale = scalars.seed_scale
         unscale = 1.0 if scalars.unscale is None else scalars.unscale
         table = np.ascontiguousarray(scalars.table)
@@ -114,7 +116,10 @@ class NumbaBackend:
         X_op, XT_op = _operand(data, accum64), _operand(X.T, accum64)
         Xb_op, XbT_op = pair((batch, data.shape[1]), accum64), pair((features, batch), accum64)
         Tb = np.zeros((batch,) + T.shape[1:])
-        if linear:
+        if len(parts) > 1:
+            call = _accumulated_call(spec, dataset, parts, X_op, T, data.shape[1], features, accum64, pc, g,
+                                     (scale, table, w, s0, s1, p), (flags, unscale))
+        elif linear:
             logistic = spec.problem == "logreg"
 
             def call(start, stop):
@@ -135,6 +140,36 @@ class NumbaBackend:
 
         return drive_chunks(spec, run_chunk, snapshot=lambda: p.astype(np.float64),
                             final_params=lambda: p.astype(pol.params.dtype), compile_s=compile_s)
+
+
+def _accumulated_call(spec: RunSpec, dataset: Dataset, parts: tuple, X_op: tuple, T: np.ndarray, width: int,
+                      features: int, accum64: bool, pc: np.ndarray, g: np.ndarray, before_codes: tuple,
+                      after_codes: tuple):
+    """``call(start, stop)`` running the micro-batch loop of ``spec.problem`` (``loops.run_*_accum``): the step's
+    rows split at ``parts`` (step_rules.micro_batches), scratch arrays for each of the (at most two) micro-batch
+    sizes, the accumulator's format code. Generic format codes only (one compiled loop per problem family)."""
+    pol = spec.policy
+    sizes = sorted({stop - start for start, stop in parts}, reverse=True)  # array_split: the longer ones first
+    sizes += sizes[-1:] * (2 - len(sizes))  # always two slots (the same numba type for any K); one may repeat
+    slots = np.array([[start, stop, sizes.index(stop - start)] for start, stop in parts], dtype=np.int64)
+    Xbs = tuple(pair((m, width), accum64) for m in sizes)
+    XbTs = tuple(pair((features, m), accum64) for m in sizes)
+    Tbs = tuple(np.zeros((m,) + T.shape[1:]) for m in sizes)
+    works = tuple(make_work(spec.problem, m, features, dataset.classes, accum64) for m in sizes)
+    full = dataset.batches is None
+    schedule = np.arange(T.shape[0], dtype=np.int64).reshape(1, -1) if full else dataset.batches
+    gm, ga = np.zeros_like(g), np.zeros_like(g)
+    ca = format_code(pol.accum)
+    codes = tuple(format_code(f) for f in (pol.compute, pol.update, pol.weights, pol.state, pol.params))
+    # generic codes, also for the pure fp32 linear models (policy_codes' static ones: bit-identical results, but
+    # another ~8 s compiled loop)
+    common = ((schedule, full, slots, Xbs, XbTs, Tbs, works, pc, gm, ga, g, accum64, ca) + before_codes + (codes,)
+              + after_codes)
+    if spec.problem in ("linreg", "logreg"):
+        logistic = spec.problem == "logreg"
+        return lambda start, stop: run_linear_accum(start, stop, logistic, X_op, T, *common)
+    loop = run_softmax_accum if spec.problem == "softmax" else run_mlp_accum
+    return lambda start, stop: loop(start, stop, X_op, T, *common)
 
 
 drop_stale_caches(run_linear)

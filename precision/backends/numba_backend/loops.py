@@ -16,6 +16,14 @@ here one element at a time:
 
 tests/test_conformance.py checks this loop against ``step_rules.reference_step`` and the shared cases.
 
+Gradient accumulation (``RunSpec.accum_steps`` K > 1, ``step_rules.ACCUMULATION``) has its own loops,
+``run_*_accum``: per step, the K micro-batches of ``parts`` (start, stop, buffer slot) are gathered and their
+gradients computed one after another into ``gm`` by the same gradient functions, summed in order into ``ga`` in the
+accumulator format (``ca``; the sum starts as micro-batch 1's gradient), and ``ga`` is rounded once to C into ``g``;
+the update is the same ``apply_update``. Micro-batches have at most two sizes (array_split's), so their scratch
+arrays come as two slots (``Xbs``, ``XbTs``, ``Tbs``, ``works``: 2-tuples picked by the slot). K = 1 runs the loops
+above, unchanged.
+
 ``codes`` = (compute, update, weights, state, params); ``flags`` = :func:`.update.optimizer_flags`.
 """
 
@@ -28,7 +36,8 @@ from .models import grad_linear, grad_mlp, grad_softmax
 from .rounding import JIT, rnd
 from .update import OPT_ADAM, adam_element, row_scalars, sgd_element
 
-__all__ = ["run_linear", "run_softmax", "run_mlp", "apply_update"]
+__all__ = ["run_linear", "run_softmax", "run_mlp", "apply_update", "run_linear_accum", "run_softmax_accum",
+           "run_mlp_accum"]
 
 
 @numba.njit(inline="always", **JIT)
@@ -150,6 +159,97 @@ def run_mlp(start, stop, X, XT, T, batches, Xb, XbT, Tb, pc, g, work, accum64, s
         xb, xbt, tb = _classifier_batch(step, X, XT, T, batches, Xb, XbT, Tb, accum64)
         _to_compute(p, pc, codes[0])
         grad_mlp(pc, xb, xbt, tb, scale, codes[0], accum64, work, g)
+        if not apply_update(step, table[step - 1], g, w, s0, s1, p, codes, flags, unscale):
+            return step
+    return 0
+
+
+# -- gradient accumulation (accum_steps > 1) ------------------------------------------------------------------------
+
+@numba.njit(inline="always", **JIT)
+def _accumulate(k, gm, ga, ca):
+    """Micro-batch k's gradient ``gm`` (C values) into the sum ``ga`` held in the accumulator format ``ca``: the sum
+    starts as micro-batch 0's gradient (exact: A is at least as wide as C); each later addition is rounded to A (a
+    float64 sum of two fp32 values rounded to fp32 is the fp32 sum: 53 >= 2 * 24 + 2)."""
+    if k == 0:
+        for j in range(gm.size):
+            ga[j] = gm[j]
+    else:
+        for j in range(gm.size):
+            ga[j] = rnd(ga[j] + gm[j], ca)
+
+
+@numba.njit(inline="always", **JIT)
+def _round_sum(ga, g, cc):
+    for j in range(g.size):
+        g[j] = rnd(ga[j], cc)
+
+
+@numba.njit(**JIT)
+def run_linear_accum(start, stop, logistic, X, T, schedule, full, parts, Xbs, XbTs, Tbs, works, pc, gm, ga, g,
+                     accum64, ca, scale, table, w, s0, s1, p, codes, flags, unscale):
+    """Steps start+1 .. stop of linreg / logreg with K = parts.shape[0] micro-batches per step. ``schedule``: the
+    steps' rows (steps, B), or (1, n) with ``full`` (the full batch, row i at position i); ``parts`` (K, 3):
+    start, stop within the step's rows and the scratch slot (0 or 1) of each micro-batch."""
+    for step in range(start + 1, stop + 1):
+        batch_rows = schedule[0] if full else schedule[step - 1]
+        _to_compute(p, pc, codes[0])
+        for k in range(parts.shape[0]):
+            slot = parts[k, 2]
+            rows = batch_rows[parts[k, 0]:parts[k, 1]]
+            Xb, XbT, Tb = Xbs[slot], XbTs[slot], Tbs[slot]
+            _gather(X, rows, Xb, XbT, accum64)
+            for i in range(rows.size):
+                Tb[i] = T[rows[i]]
+            grad_linear(logistic, pc, Xb, XbT, Tb, scale, codes[0], accum64, works[slot], gm)
+            _accumulate(k, gm, ga, ca)
+        _round_sum(ga, g, codes[0])
+        if not apply_update(step, table[step - 1], g, w, s0, s1, p, codes, flags, unscale):
+            return step
+    return 0
+
+
+@numba.njit(inline="always", **JIT)
+def _classifier_micro_batch(X, T, rows, Xb, XbT, Tb, accum64):
+    _gather(X, rows, Xb, XbT, accum64)
+    for i in range(rows.size):
+        for c in range(T.shape[1]):
+            Tb[i, c] = T[rows[i], c]
+
+
+@numba.njit(**JIT)
+def run_softmax_accum(start, stop, X, T, schedule, full, parts, Xbs, XbTs, Tbs, works, pc, gm, ga, g, accum64, ca,
+                      scale, table, w, s0, s1, p, codes, flags, unscale):
+    """Steps start+1 .. stop of softmax regression with micro-batches (see :func:`run_linear_accum`)."""
+    for step in range(start + 1, stop + 1):
+        batch_rows = schedule[0] if full else schedule[step - 1]
+        _to_compute(p, pc, codes[0])
+        for k in range(parts.shape[0]):
+            slot = parts[k, 2]
+            Xb, XbT, Tb = Xbs[slot], XbTs[slot], Tbs[slot]
+            _classifier_micro_batch(X, T, batch_rows[parts[k, 0]:parts[k, 1]], Xb, XbT, Tb, accum64)
+            grad_softmax(pc, Xb, XbT, Tb, scale, codes[0], accum64, works[slot], gm)
+            _accumulate(k, gm, ga, ca)
+        _round_sum(ga, g, codes[0])
+        if not apply_update(step, table[step - 1], g, w, s0, s1, p, codes, flags, unscale):
+            return step
+    return 0
+
+
+@numba.njit(**JIT)
+def run_mlp_accum(start, stop, X, T, schedule, full, parts, Xbs, XbTs, Tbs, works, pc, gm, ga, g, accum64, ca,
+                  scale, table, w, s0, s1, p, codes, flags, unscale):
+    """Steps start+1 .. stop of the MLP with micro-batches (see :func:`run_linear_accum`)."""
+    for step in range(start + 1, stop + 1):
+        batch_rows = schedule[0] if full else schedule[step - 1]
+        _to_compute(p, pc, codes[0])
+        for k in range(parts.shape[0]):
+            slot = parts[k, 2]
+            Xb, XbT, Tb = Xbs[slot], XbTs[slot], Tbs[slot]
+            _classifier_micro_batch(X, T, batch_rows[parts[k, 0]:parts[k, 1]], Xb, XbT, Tb, accum64)
+            grad_mlp(pc, Xb, XbT, Tb, scale, codes[0], accum64, works[slot], gm)
+            _accumulate(k, gm, ga, ca)
+        _round_sum(ga, g, codes[0])
         if not apply_update(step, table[step - 1], g, w, s0, s1, p, codes, flags, unscale):
             return step
     return 0

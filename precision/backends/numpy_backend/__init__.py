@@ -11,7 +11,7 @@ from ...policy import Policy
 from ...spec import RunSpec
 from ...trajectory import Trajectory
 from ..base import Availability, drive_chunks
-from ..step_rules import apply_step, host_scalars, initial_values, state_store
+from ..step_rules import accumulate, apply_step, host_scalars, initial_values, micro_batches, state_store
 from .models import gradient
 from .ops import FormatOps, convert
 from .update import update
@@ -39,10 +39,13 @@ class NumpyBackend:
 
     def train(self, spec: RunSpec, dataset: Dataset) -> Trajectory:
         """The reference loop: every step is :func:`precision.backends.step_rules.apply_step` (the shared chain of
-        conversions and the divergence rule) around this module's ``gradient`` and ``update``."""
+        conversions and the divergence rule) around this module's ``gradient`` and ``update``; with
+        ``spec.accum_steps`` > 1 the gradient is :func:`~precision.backends.step_rules.accumulate` over the step's
+        micro-batches (``micro_batches``), each with the whole batch's seed scale."""
         pol: Policy = spec.policy
         compute = FormatOps(pol.compute, pol.accum)
         scalars = host_scalars(pol, spec.optimizer, spec.steps, dataset.batch_size)
+        bounds = micro_batches(dataset.batch_size, spec.accum_steps)
         X = convert(dataset.X_train, _FP64, pol.compute)
         T = convert(targets_for(dataset, dataset.y_train), _FP64, pol.compute)
         scale = compute.scalar(scalars.seed_scale)  # exact: the value is already rounded to C
@@ -57,10 +60,17 @@ class NumpyBackend:
             with np.errstate(all="ignore"):  # overflow and NaN are results here, reported as diverged_at
                 for step in range(start + 1, stop + 1):
                     rows, row = dataset.batch(step), table[step - 1]
-                    # gradient and update looked up in this module at call time (tests substitute them)
+                    if len(bounds) == 1:
+                        # gradient and update looked up in this module at call time (tests substitute them)
+                        def grad(pc, rows=rows):
+                            return gradient(spec.problem, compute, pc, X[rows], T[rows], scale, dataset.layout)
+                    else:
+                        def grad(pc, rows=rows):
+                            return accumulate(convert, pol, (
+                                gradient(spec.problem, compute, pc, X[part], T[part], scale, dataset.layout)
+                                for part in _parts(rows, bounds)))
                     w, st, p, finite = apply_step(
-                        np, convert, pol,
-                        lambda pc: gradient(spec.problem, compute, pc, X[rows], T[rows], scale, dataset.layout),
+                        np, convert, pol, grad,
                         lambda w_u, g, st_u: update(spec.optimizer, step, row, w_u, g, st_u, store_state),
                         w, p, st, unscale)
                     if not finite:
@@ -71,6 +81,13 @@ class NumpyBackend:
 
         return drive_chunks(spec, run_chunk, snapshot=lambda: box["params"].astype(np.float64),
                             final_params=lambda: box["params"].copy())
+
+
+def _parts(rows, bounds):
+    """The micro-batches' rows: index arrays cut from the step's rows, or slices of the full batch."""
+    if isinstance(rows, slice):
+        return [slice(start, stop) for start, stop in bounds]
+    return [rows[start:stop] for start, stop in bounds]
 
 
 _FP64 = get_format("fp64")
