@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 from ..optim import SCALAR_COLUMNS, OptimizerSpec
 from ..problems import unflatten
 
-__all__ = ["update", "gradient"]
+__all__ = ["update", "gradient", "forward"]
 
 _COL = {name: i for i, name in enumerate(SCALAR_COLUMNS)}
 
@@ -59,6 +59,18 @@ def _linear_grads(ops, X, delta):
     return [ops.matmul_tn(X, delta), ops.sum(delta, axis=0, keepdims=delta.ndim == 1).reshape(-1)]
 
 
+def forward(problem: str, ops, p: dict, X):
+    """The forward pass: (logits, hidden activations or None). ``p`` is the params as named blocks (unflatten), all
+    arrays in ``ops``'s compute dtype. Logits are z (n,) for linreg / logreg, Z (n, classes) for softmax / mlp,
+    before any sigmoid or softmax. The training gradient and the served model (precision.inference) both run it."""
+    if problem in ("linreg", "logreg"):
+        return ops.matmul(X, p["w"]) + p["b"], None
+    if problem == "softmax":
+        return ops.matmul(X, p["W"]) + p["b"], None
+    H = ops.tanh(ops.matmul(X, p["W1"]) + p["b1"])
+    return ops.matmul(H, p["W2"]) + p["b2"], H
+
+
 def gradient(xp, problem: str, ops, params, X, targets, scale, layout):
     """Flat gradient of the mean loss at ``params`` (all arrays in ``ops``'s compute dtype).
 
@@ -66,19 +78,16 @@ def gradient(xp, problem: str, ops, params, X, targets, scale, layout):
     ``scale``: the host-computed (loss scale)/batch, rounded once to the compute format.
     """
     p = unflatten(params, layout)
+    logits, H = forward(problem, ops, p, X)
     if problem in ("linreg", "logreg"):
-        z = ops.matmul(X, p["w"]) + p["b"]
-        out = z if problem == "linreg" else ops.sigmoid(z)
+        out = logits if problem == "linreg" else ops.sigmoid(logits)
         delta = (out - targets) * scale
         return xp.concatenate(_linear_grads(ops, X, delta))
     if problem == "softmax":
-        P = _softmax(ops, ops.matmul(X, p["W"]) + p["b"])
-        delta = (P - targets) * scale
+        delta = (_softmax(ops, logits) - targets) * scale
         return xp.concatenate([g.ravel() for g in _linear_grads(ops, X, delta)])
     # mlp
-    H = ops.tanh(ops.matmul(X, p["W1"]) + p["b1"])
-    P = _softmax(ops, ops.matmul(H, p["W2"]) + p["b2"])
-    delta = (P - targets) * scale
+    delta = (_softmax(ops, logits) - targets) * scale
     gW2, gb2 = _linear_grads(ops, H, delta)
     dH = ops.matmul_nt(delta, p["W2"])  # delta @ W2.T
     one = xp.asarray(1, dtype=H.dtype)

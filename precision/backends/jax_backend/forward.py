@@ -22,6 +22,7 @@ from ...formats import Format, get_format
 from ...problems import get_problem, unflatten
 from ..numpy_backend.ops import convert as host_convert
 from . import jax_device
+from .. import array_math
 from .ops import JaxOps
 
 __all__ = ["forward_logits"]
@@ -31,14 +32,7 @@ _FP64 = get_format("fp64")
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def _logits(problem: str, layout: tuple, compute: Format, accum: Format, params, X):
-    ops = JaxOps(compute, accum)
-    p = unflatten(params, layout)
-    if problem in ("linreg", "logreg"):
-        return ops.matmul(X, p["w"]) + p["b"]
-    if problem == "softmax":
-        return ops.matmul(X, p["W"]) + p["b"]
-    H = ops.tanh(ops.matmul(X, p["W1"]) + p["b1"])
-    return ops.matmul(H, p["W2"]) + p["b2"]
+    return array_math.forward(problem, JaxOps(compute, accum), unflatten(params, layout), X)[0]
 
 
 def forward_logits(problem: str, params: np.ndarray, X: np.ndarray, compute: Format, accum: Format,

@@ -12,6 +12,7 @@ import numpy as np
 
 from ...formats import Format, get_format
 from ...problems import get_problem, unflatten
+from .. import array_math
 from .ops import FormatOps, convert
 
 __all__ = ["forward_logits"]
@@ -33,11 +34,4 @@ def forward_logits(problem: str, params: np.ndarray, X: np.ndarray, compute: For
     with np.errstate(all="ignore"):  # overflow and NaN are results (counted by precision.inference)
         p = unflatten(convert(np.asarray(params, dtype=np.float64), _FP64, compute), layout)
         Xc = convert(np.ascontiguousarray(X, dtype=np.float64), _FP64, compute)
-        if problem in ("linreg", "logreg"):
-            out = ops.matmul(Xc, p["w"]) + p["b"]
-        elif problem == "softmax":
-            out = ops.matmul(Xc, p["W"]) + p["b"]
-        else:  # mlp
-            H = ops.tanh(ops.matmul(Xc, p["W1"]) + p["b1"])
-            out = ops.matmul(H, p["W2"]) + p["b2"]
-        return out.astype(np.float64)
+        return array_math.forward(problem, ops, p, Xc)[0].astype(np.float64)
