@@ -114,7 +114,7 @@ def parse_policy(text: str) -> Policy:
     if "=" not in text:
         raise choice_error("policy", text, [*PRESETS, "or a string like p=bf16,c=bf16,a=fp32,s=fp32"])
     values: dict[str, object] = {}
-    for item in text.split(","):
+    for item in _fields(text):
         key, sep, raw = item.partition("=")
         key, raw = key.strip(), raw.strip()
         if not sep or not raw:
@@ -138,6 +138,19 @@ def parse_policy(text: str) -> Policy:
     values.setdefault("state", params)
     values.setdefault("accum", wider(compute, get_format("fp32")))
     return Policy(**values)
+
+
+def _fields(text: str) -> list[str]:
+    """``text`` split at the commas outside parentheses, so that a field's value may hold a comma of its own
+    (a format with parameters, e.g. ``p=fp(p=4,emax=15)``)."""
+    fields, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += (ch == "(") - (ch == ")")
+        if ch == "," and depth == 0:
+            fields.append(text[start:i])
+            start = i + 1
+    fields.append(text[start:])
+    return fields
 
 
 def get_policy(policy: str | Policy) -> Policy:
