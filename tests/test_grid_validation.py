@@ -51,7 +51,7 @@ ONLY_NUMPY = {"jax/__init__.py": "raise ImportError('No module named jax (hidden
 BAD = [
     (["run", "--problem", "logreg,mlp", "--data", "digits", "--backend", "numpy", "--quiet"],
      ["problem 'logreg' is binary; data 'digits' has 10 classes", "use softmax or mlp"]),
-    ([*FAST, "--batch-size", "0"], ["batch size 0 must be a positive integer", "'full'"]),
+    ([*FAST, "--batch-size", "0"], ["--batch-size 0 must be a positive integer", "'full'"]),
     ([*FAST, "--seed", "-1"], ["seed -1 is out of range", f"valid seeds: 0..{MAX_SEED}"]),
     ([*FAST, "--seed", "0,x"], ["seed 'x' is not an integer", f"0..{MAX_SEED}"]),
     (["run", "--problem", "", "--backend", "numpy", "--quiet"],

@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 from ..errors import SpecError
+from ._options import batch_size as parse_batch_size
+from ._options import positive_int
 
 EXIT_CODES = """\
 exit status:
@@ -56,25 +58,6 @@ def add_parser(sub):
     p.add_argument("--force", action="store_true", help="run a grid over the size limits anyway")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.set_defaults(handler=main)
-
-
-def _positive_int(name: str, text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise SpecError(f"--{name} {text!r} is not an integer; valid: a positive integer") from None
-    if value <= 0:
-        raise SpecError(f"--{name} {value} must be a positive integer")
-    return value
-
-
-def _batch_size(text: str) -> int | None:
-    if text.strip().lower() in ("full", "none"):
-        return None
-    try:
-        return _positive_int("batch-size", text)
-    except SpecError as exc:
-        raise SpecError(f"{exc}, or 'full' for full batch") from None
 
 
 def _seed(text: str) -> int:
@@ -140,9 +123,9 @@ def main(args) -> int:
     # Everything is checked before anything runs or is written: names and values, the policy and the reference,
     # the grid as precision run checks it (problem/data fit, batch sizes, sizes, backends), the output path.
     plan = plan_ablation(args.policy, _items(args, "problem"), _items(args, "data"), _items(args, "optimizer"),
-                         _items(args, "backend"), _positive_int("steps", args.steps), _seed(args.seed),
-                         _batch_size(args.batch_size), _lr(args.lr), reference=args.reference,
-                         record_every=_positive_int("record-every", args.record_every))
+                         _items(args, "backend"), positive_int("steps", args.steps), _seed(args.seed),
+                         parse_batch_size(args.batch_size), _lr(args.lr), reference=args.reference,
+                         record_every=positive_int("record-every", args.record_every))
     specs = validate(plan.specs, force=args.force, cli_names=True)
     out = Path(args.out) if args.out else None
     if out is not None:

@@ -8,6 +8,8 @@ from pathlib import Path
 from .._atomic import OutputError, check_file_target, check_folder_target
 from ..backends import BACKENDS, backend_availability
 from ..checkpoint import Checkpoint, checkpoint_path
+from ._options import batch_size as parse_batch_size
+from ._options import positive_int
 from ..data import DATA_SOURCES, MAX_SEED
 from ..errors import PrecisionError, SpecError, choice_error
 from ..floors import FLOOR_SEEDS, MAX_FLOOR_SEEDS, check_floor_seeds
@@ -23,27 +25,6 @@ from ..spec import DEVICES
 from ..table import format_report
 
 DEFAULT_OUT = "precision-report.json"
-
-
-def _positive_int(name):
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise SpecError(f"{name} {text!r} is not an integer") from None
-        if value <= 0:
-            raise SpecError(f"{name} {value} must be a positive integer")
-        return value
-    return parse
-
-
-def _batch_size(text: str):
-    if text.strip().lower() in ("full", "none"):
-        return None
-    try:
-        return _positive_int("batch size")(text)
-    except SpecError as exc:  # 0 is no batch at all, not a way to say full batch
-        raise SpecError(f"{exc}, or 'full' for full batch") from None
 
 
 # What each list option accepts, for the message about an empty value or an empty item.
@@ -153,10 +134,10 @@ def specs_from_args(args):
     for device in devices or ():  # named before anything about the matrix: `--device tpu` is about 'tpu'
         if device not in DEVICES:
             raise choice_error("device", device, DEVICES)
-    steps = _positive_int("steps")(args.steps)
-    record_every = _positive_int("record-every")(args.record_every)
-    batch_size = _batch_size(args.batch_size)
-    accum_steps = [_positive_int("accum-steps")(k) for k in split_list(args.accum_steps)]
+    steps = positive_int("steps", args.steps)
+    record_every = positive_int("record-every", args.record_every)
+    batch_size = parse_batch_size(args.batch_size)
+    accum_steps = [positive_int("accum-steps", k) for k in split_list(args.accum_steps)]
     seeds = [int(s) if s.lstrip("-").isdigit() else _bad_seed(s) for s in seed_items or ["0"]]
     lr = None
     if args.lr is not None:
