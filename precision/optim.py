@@ -25,7 +25,10 @@ Adam / AdamW (torch.optim.Adam, AdamW; bias corrections bc_k = 1 - beta_k^t in f
     p = p - (lr / bc1) * m / denom                      # (lr/bc1)*m, / denom, -
 
 torch writes m with ``lerp`` and v with ``addcmul``; in float64 these agree with the order above to ~1e-16 per
-step (tests/test_optim_reference.py checks 100 steps against torch within 1e-13 relative).
+step (tests/test_optim_reference.py checks 100 steps against torch within 1e-13 relative). U is the policy's ``u=``
+when it states one (then each new moment is used as computed and rounded to S once, when stored); torch's fused
+kernel on bf16 params computes m and v as fused multiply-adds, the one difference from this order that the
+``torch-bf16`` preset keeps (docs/torch_parity.md).
 """
 
 from __future__ import annotations

@@ -12,9 +12,15 @@ a      accum       accumulator of dot products and sums (fp32 or fp64: every bac
 s      state       storage of optimizer state (momentum buffer, Adam moments)
 m      master      optional master copy of the weights that the optimizer updates; params = round(master, p)
 ls     loss_scale  optional static loss scale, a power of two (exact to apply and to remove)
+u      update_math optional format of the optimizer's elementwise arithmetic ("opmath"), at least as wide as
+                   wider(weights, state); weights, gradient and state are read into it, the update is computed
+                   in it op by op, and each new tensor is rounded once when stored (torch's fused optimizers)
 =====  ==========  ==========================================================================================
 
-The optimizer's elementwise math runs in the *update format*: the wider of (master or params) and state.
+The optimizer's elementwise math runs in the *update format* U: ``u`` when given, else the wider of (master or
+params) and state. Without ``u`` each new moment is rounded to the state format and read back at once (the update
+goes on with the stored value); with ``u`` the update goes on with the moment as computed in U, and it is rounded to
+the state format once, when stored (docs/torch_parity.md).
 A name alone is a preset (``fp64``, ``fp32``, ``fp16``, ``bf16``, ``fp16-mixed``, ``bf16-mixed``, ...).
 """
 
@@ -29,7 +35,8 @@ from .formats import Format, get_format, wider
 __all__ = ["Policy", "PRESETS", "parse_policy", "get_policy"]
 
 # One table drives parsing and printing: (grammar key, dataclass field).
-_FIELDS = (("p", "params"), ("c", "compute"), ("a", "accum"), ("s", "state"), ("m", "master"), ("ls", "loss_scale"))
+_FIELDS = (("p", "params"), ("c", "compute"), ("a", "accum"), ("s", "state"), ("m", "master"), ("ls", "loss_scale"),
+           ("u", "update_math"))
 _KEY_TO_FIELD = dict(_FIELDS)
 _ACCUM_FORMATS = ("fp32", "fp64")
 
@@ -42,6 +49,7 @@ class Policy:
     state: Format
     master: Format | None = None
     loss_scale: float | None = None
+    update_math: Format | None = None
 
     def __post_init__(self):
         if self.accum.name not in _ACCUM_FORMATS:
@@ -53,6 +61,11 @@ class Policy:
             mantissa, _ = math.frexp(self.loss_scale)
             if not (self.loss_scale > 0 and mantissa == 0.5 and math.isfinite(self.loss_scale)):
                 raise SpecError(f"loss scale {self.loss_scale!r} must be a positive power of two (e.g. 1024)")
+        if self.update_math is not None:
+            least = wider(self.weights, self.state)
+            if _width(self.update_math) < _width(least):
+                raise SpecError(f"update math format {self.update_math.name} is narrower than "
+                                f"{least.name} = wider(weights {self.weights.name}, state {self.state.name})")
 
     @property
     def weights(self) -> Format:
@@ -61,8 +74,15 @@ class Policy:
 
     @property
     def update(self) -> Format:
-        """Format of the optimizer's elementwise arithmetic."""
-        return wider(self.weights, self.state)
+        """Format of the optimizer's elementwise arithmetic: ``update_math`` when given, else
+        wider(weights, state)."""
+        return self.update_math or wider(self.weights, self.state)
+
+    @property
+    def stores_state_once(self) -> bool:
+        """True when a new moment is used in U as computed and rounded to S only when stored (``u`` given and S
+        narrower than U); False when it is rounded to S and read back at once, or when S is U (no rounding)."""
+        return self.update_math is not None and self.state != self.update
 
     def __str__(self) -> str:
         parts = []
@@ -82,13 +102,18 @@ class Policy:
         return str(self)
 
 
+def _width(f: Format) -> tuple:
+    """The order :func:`precision.formats.wider` ranks formats by: precision, then exponent bits."""
+    return (f.precision, f.exponent_bits)
+
+
 def _format_number(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(float(x))
 
 
-def _preset(p, c, a, s, m=None, ls=None) -> Policy:
+def _preset(p, c, a, s, m=None, ls=None, u=None) -> Policy:
     return Policy(get_format(p), get_format(c), get_format(a), get_format(s),
-                  get_format(m) if m else None, ls)
+                  get_format(m) if m else None, ls, get_format(u) if u else None)
 
 
 PRESETS: dict[str, Policy] = {
@@ -103,6 +128,9 @@ PRESETS: dict[str, Policy] = {
     "fp16-mixed-ls": _preset("fp16", "fp16", "fp32", "fp32", m="fp32", ls=1024.0),
     # fp8 compute with fp32 master weights (as in fp8 training recipes); e4m3 for everything the model computes.
     "fp8-mixed": _preset("fp8_e4m3fn", "fp8_e4m3fn", "fp32", "fp32", m="fp32"),
+    # What torch.optim.Adam/AdamW(fused=True) does to bf16 params on the CPU: params, grads and moments stored in
+    # bf16, the update computed in fp32 ("opmath") and each tensor rounded once when stored (docs/torch_parity.md).
+    "torch-bf16": _preset("bf16", "bf16", "fp32", "bf16", u="fp32"),
 }
 
 

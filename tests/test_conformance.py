@@ -11,7 +11,8 @@ backend shows as a skip with its reason (and fails the run when the environment 
 
 Cases: divergence on params (not only weights), inf and NaN in data and targets, Adam's eps underflowing to 0,
 loss-scale overflow, zero and huge learning rates, one-row and empty batches, gradient accumulation (micro-batches:
-the doubling and loss-scale cases again, and the order of the sum), the policy grammar's every field combination,
+the doubling and loss-scale cases again, and the order of the sum), the policy grammar's every field combination
+(and every u= update-math combination against the weights and state it must cover),
 the rules' structure (the conversions each loop makes, numba's per-element update against the reference step) and a
 mutation check (a backend that checks only the weights fails the suite).
 """
@@ -357,7 +358,7 @@ def huge_lr_step(pol: Policy) -> int:
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_huge_lr_diverges_at_the_step_the_formats_give(backend):
     expected = {"fp64": 11, "fp32": 2, "fp16": 1, "bf16": 2, "fp16-mixed": 1, "bf16-mixed": 2, "fp16-mixed-ls": 1,
-                "fp8-mixed": 1}
+                "fp8-mixed": 1, "torch-bf16": 2}
     assert {name: huge_lr_step(pol) for name, pol in PRESETS.items()} == expected
     failures = []
     for name, pol in PRESETS.items():
@@ -494,6 +495,38 @@ def test_every_grammar_combination_parses_or_is_refused_with_a_spec_error():
     assert accepted > 0  # 17,493 with today's six formats
 
 
+# The update-math key u (Policy.update_math), crossed with the keys it is checked against (p, s, m; c, a, ls left
+# out: u is not checked against them). Acceptance, stated independently of parse_policy: u ranks at least as high as
+# wider(weights, state) in formats.wider's order (precision, then exponent bits), weights = m or p, state = s or p.
+U_GRAMMAR = {"p": FORMAT_NAMES, "s": (None, *FORMAT_NAMES), "m": (None, *FORMAT_NAMES), "u": (None, *FORMAT_NAMES)}
+
+
+def u_accepts(combo: dict) -> bool:
+    if combo["u"] is None:
+        return True
+    rank = lambda name: (get_format(name).precision, get_format(name).exponent_bits)  # noqa: E731
+    weights, state = combo["m"] or combo["p"], combo["s"] or combo["p"]
+    return rank(combo["u"]) >= max(rank(weights), rank(state))
+
+
+def test_every_u_combination_parses_or_is_refused_with_one_spec_error_line():
+    accepted = refused = 0
+    for values in itertools.product(*U_GRAMMAR.values()):
+        combo = dict(zip(U_GRAMMAR, values))
+        text = policy_text(combo)
+        if u_accepts(combo):
+            pol = parse_policy(text)
+            assert parse_policy(str(pol)) == pol and str(pol).endswith(f",u={combo['u']}") == (combo["u"] is not None)
+            assert pol.update == (get_format(combo["u"]) if combo["u"] else wider(pol.weights, pol.state))
+            accepted += 1
+        else:
+            with pytest.raises(SpecError, match=rf"^update math format {combo['u']} is narrower than \S+ = wider\("
+                                                 rf"weights \S+, state \S+\)$"):
+                parse_policy(text)
+            refused += 1
+    assert accepted and refused
+
+
 # Which accepted combinations are trained: the full accepted product is 17,493 policies, and JAX compiles once per
 # policy (~0.4 s here), so the runs take a seeded random sample of 24 accepted combinations, extended by the first
 # accepted combination holding each (field, value) not yet covered (so every value of every field, "left out"
@@ -509,6 +542,10 @@ def trained_policies() -> dict[str, Policy]:
                     chosen.append(candidates[0])
     policies = {policy_text(combo): parse_policy(policy_text(combo)) for combo in chosen}
     policies.update(PRESETS)
+    # u= (update math): each with S narrower than U, so the moments take the store-once rule
+    for text in ("p=bf16,c=bf16,a=fp32,s=bf16,m=fp32,u=fp32", "p=fp16,c=fp16,a=fp32,s=fp8_e5m2,u=fp64",
+                 "p=fp8_e4m3fn,c=fp8_e4m3fn,a=fp32,s=fp8_e4m3fn,u=bf16"):
+        policies[text] = parse_policy(text)
     return policies
 
 
@@ -567,6 +604,9 @@ def test_every_policy_field_runs_and_backends_agree_on_the_outcome(backend):
 STRUCTURE_POLICIES = {
     "all-distinct": parse_policy("p=bf16,c=fp16,a=fp32,s=fp8_e5m2,m=fp32,ls=1024"),  # S != U: moments round-trip
     "fp16-mixed": FP16_MIXED,
+    # u= given, S narrower than U: no round trip, each moment rounded to S once when stored
+    "all-distinct-u": parse_policy("p=bf16,c=fp16,a=fp32,s=fp8_e5m2,m=bf16,ls=1024,u=fp32"),
+    "torch-bf16": PRESETS["torch-bf16"],
 }
 
 
@@ -624,12 +664,14 @@ def hostile(fmt, n: int, rng, extremes: bool = True) -> np.ndarray:
 
 
 @pytest.mark.parametrize("opt", ["adam", "sgd-momentum"])
-@pytest.mark.parametrize("policy", ["fp16-mixed", "fp16", "bf16-mixed", "fp8-mixed", "all-distinct"])
+@pytest.mark.parametrize("policy", ["fp16-mixed", "fp16", "bf16-mixed", "fp8-mixed", "all-distinct", "all-distinct-u",
+                                    "torch-bf16"])
 @pytest.mark.skipif(not AVAILABILITY["numba"].available, reason=f"numba unavailable: {AVAILABILITY['numba'].reason}")
 def test_numba_update_follows_the_reference_step(policy, opt):
     """numba's per-element update (loops.apply_update) against step_rules.reference_step, same gradients, 4 steps:
     weights, state, params bit for bit, and the same divergence verdict each step, including steps where only the
     params overflow (fp32 master weights pushed past fp16's max)."""
+    from precision.backends.numba_backend import update_formats
     from precision.backends.numba_backend.loops import apply_update
     from precision.backends.numba_backend.rounding import format_code
     from precision.backends.numba_backend.update import optimizer_flags
@@ -642,7 +684,7 @@ def test_numba_update_follows_the_reference_step(policy, opt):
     w, p, st = step_rules.initial_values(hostile(pol.weights, n, rng), pol, optimizer)
     w64, p64 = w.astype(np.float64), p.astype(np.float64)
     s0, s1 = np.zeros(n), np.zeros(n)
-    codes = tuple(format_code(f) for f in (pol.compute, pol.update, pol.weights, pol.state, pol.params))
+    codes = tuple(format_code(f) for f in update_formats(pol))
     verdicts = []
     for step in range(1, steps + 1):
         # steps 1 and 3: finite gradients, so the verdict hangs on the params alone where the weights' extremes

@@ -24,7 +24,7 @@ tests/test_conformance.py is the executable form of these rules: every backend i
 outcomes on its crafted cases (docs/conformance.md).
 
 Formats are named by :class:`precision.policy.Policy` attributes: ``params`` (P), ``compute`` (C), ``accum`` (A),
-``state`` (S), ``weights`` (W = master or params), ``update`` (U = wider(W, S)).
+``state`` (S), ``weights`` (W = master or params), ``update`` (U: the policy's ``u=`` when given, else wider(W, S)).
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ from ..formats import get_format, round_to
 from ..optim import OptimizerSpec, scalar_table, state_size
 from ..policy import Policy
 
-__all__ = ["Link", "STEP_CHAIN", "DIVERGENCE_CHECKED", "DIVERGENCE_RULE", "SCALAR_RULES", "StepResult",
-           "apply_step", "all_finite", "state_store", "conversion_sequence", "HostScalars", "host_scalars",
+__all__ = ["Link", "STEP_CHAIN", "DIVERGENCE_CHECKED", "DIVERGENCE_RULE", "SCALAR_RULES", "STATE_STORE_RULES", "StepResult",
+           "apply_step", "all_finite", "state_store", "moment_format", "conversion_sequence", "HostScalars", "host_scalars",
            "initial_values", "reference_step", "ACCUMULATION", "ACCUMULATION_CHAIN", "micro_batches", "accumulate"]
 
 
@@ -74,8 +74,9 @@ STEP_CHAIN: tuple[Link, ...] = (
     Link("weights", "weights", "update", "weights (master, or params without one) read into U"),
     Link("state", "state", "update", "each state vector read into U", per="state vector"),
     Link("update", "update", "update",
-         "the optimizer (op order of precision.optim), every op rounded to U; each new moment is rounded to S and "
-         "read back at once (state_store) and used as stored"),
+         "the optimizer (op order of precision.optim), every op rounded to U; without u= in the policy each new "
+         "moment is rounded to S and read back at once (state_store) and used as stored; with u= it is used as "
+         "computed in U (torch's fused kernels: STATE_STORE_RULES)"),
     Link("weights", "update", "weights", "new weights stored: round(update result, W)"),
     Link("state", "update", "state", "new state stored: round(., S)", per="state vector"),
     Link("params", "weights", "params", "new params: round(new weights, P)"),
@@ -91,6 +92,18 @@ ACCUMULATION_CHAIN = (
     Link("gradient", "accum", "accum", "summed in order, micro-batch 1 first; each addition rounded to A"),
     Link("gradient", "accum", "compute", "the sum rounded once to C: link 2's result"),
 )
+
+# How a new moment (Adam's m and v, SGD's momentum buffer) is used by the rest of the update, by policy: the one
+# place the chain depends on whether the policy states its update format (``u=``, Policy.update_math).
+STATE_STORE_RULES = {
+    "default": "no u= (U = wider(W, S)): each new moment is rounded to S and read back into U at once, and the rest "
+               "of the update uses the stored value (a moment in a narrow S costs two roundings per step; link 9 "
+               "then rounds a value already in S, exactly)",
+    "update_math": "u= given: the moment stays in U as computed and the rest of the update uses it; it is rounded "
+                   "to S once, when stored (link 9), as torch's fused optimizers (_fused_adam, _fused_sgd) keep "
+                   "exp_avg in opmath registers while storing it in the param dtype (docs/torch_parity.md)",
+    "same": "S equal to U: no rounding either way; both rules give the same values",
+}
 
 DIVERGENCE_CHECKED = ("weights", "params")
 DIVERGENCE_RULE = ("diverged_at is the first step (1-based) after which the new weights or the new params are not "
@@ -141,11 +154,19 @@ def all_finite(xp, weights, params):
 
 
 def state_store(convert: Callable, pol: Policy) -> Callable:
-    """``store_state`` for :func:`precision.backends.array_math.update`: a new moment rounded to S and read back
-    into U (identity when S is U), so the update goes on with the value as stored."""
-    if pol.state == pol.update:
+    """``store_state`` for :func:`precision.backends.array_math.update` (:data:`STATE_STORE_RULES`): a new moment
+    rounded to S and read back into U, so the update goes on with the value as stored; identity when S is U, and
+    when the policy states its update format (``u=``: the moment is used as computed and rounded once by link 9)."""
+    if pol.state == pol.update or pol.stores_state_once:
         return lambda x: x
     return lambda x: convert(convert(x, pol.update, pol.state), pol.state, pol.update)
+
+
+def moment_format(pol: Policy):
+    """The format a new moment is rounded to inside the update before the rest of the update uses it
+    (:data:`STATE_STORE_RULES`): S when it is stored and read back at once, U when it is used as computed (``u=``,
+    or S equal to U). The numba loop takes it as a format code; :func:`state_store` is the same rule for ``xp``."""
+    return pol.update if pol.stores_state_once else pol.state
 
 
 def apply_step(xp, convert: Callable, pol: Policy, gradient: Callable, update: Callable, weights, params,
@@ -201,7 +222,7 @@ def accumulate(convert: Callable, pol: Policy, micro_gradients) -> object:
 def conversion_sequence(pol: Policy, n_state: int, accum_steps: int = 1) -> list[tuple]:
     """The (src, dst) Format pairs that :data:`STEP_CHAIN` converts, in order, for ``pol`` and ``n_state`` state
     vectors, including the round trip of each new moment through S inside the update (:func:`state_store`, for an
-    optimizer whose moments are stored: Adam's m and v, SGD's buffer), and with ``accum_steps`` K > 1 link 2 as
+    optimizer whose moments are stored: Adam's m and v, SGD's buffer; none under ``u=``, :data:`STATE_STORE_RULES`), and with ``accum_steps`` K > 1 link 2 as
     :data:`ACCUMULATION_CHAIN` (K conversions C -> A, then A -> C) after link 1. Conversions between equal formats
     are listed too (a backend's ``convert`` returns its input then)."""
     seq = []
@@ -210,7 +231,7 @@ def conversion_sequence(pol: Policy, n_state: int, accum_steps: int = 1) -> list
             seq += [(pol.compute, pol.accum)] * accum_steps + [(pol.accum, pol.compute)]
             continue
         if link.quantity == "update":
-            if pol.state != pol.update:
+            if pol.state != pol.update and not pol.stores_state_once:
                 seq += [(pol.update, pol.state), (pol.state, pol.update)] * n_state
             continue
         if not link.is_conversion:

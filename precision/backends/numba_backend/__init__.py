@@ -23,7 +23,7 @@ from ...policy import Policy
 from ...spec import RunSpec
 from ...trajectory import Trajectory
 from ..base import Availability, drive_chunks
-from ..step_rules import host_scalars, micro_batches
+from ..step_rules import host_scalars, micro_batches, moment_format
 from ..numpy_backend import targets_for
 from ._cache import drop_stale_caches
 from .loops import run_linear, run_linear_accum, run_mlp, run_mlp_accum, run_softmax, run_softmax_accum
@@ -48,8 +48,17 @@ def _operand(values: np.ndarray, accum64: bool) -> tuple[np.ndarray, np.ndarray]
     return np.ascontiguousarray(values, dtype=np.float32), empty
 
 
+def update_formats(pol: Policy) -> tuple:
+    """The formats behind ``loops.apply_update``'s ``codes``: compute, update, weights, state, params, and, only for a
+    policy whose ``u=`` leaves its moments in U (``Policy.stores_state_once``), the format a new moment is rounded to
+    inside the update (``step_rules.moment_format``). Other policies keep five codes and the loops compiled for
+    them."""
+    formats = (pol.compute, pol.update, pol.weights, pol.state, pol.params)
+    return formats + (moment_format(pol),) if pol.stores_state_once else formats
+
+
 def policy_codes(pol: Policy, problem: str) -> tuple:
-    """(compute, update, weights, state, params) format codes for the loops.
+    """(compute, update, weights, state, params[, moment]) format codes for the loops (:func:`update_formats`).
 
     Generic codes (one compiled loop per problem family serves every policy), except for the pure fp32 policy of
     the linear models: its static codes make every rounding in the float64 carrier the CPU's float64 -> float32 ->
@@ -59,7 +68,7 @@ def policy_codes(pol: Policy, problem: str) -> tuple:
     linear model's step is mostly its per-op roundings (the 33-element update is a chain of ~30 of them). The MLP
     gains less (304 -> 222 us/step on digits) and the pure fp64 policy similar, but each would add another ~8 s to
     the default matrix's cold run (60 s at most): not done."""
-    formats = (pol.compute, pol.update, pol.weights, pol.state, pol.params)
+    formats = update_formats(pol)
     native = (len({f.name for f in formats}) == 1 and pol.compute.name == "fp32"
               and problem in ("linreg", "logreg"))
     return tuple((static_code if native else format_code)(f) for f in formats)
@@ -160,7 +169,7 @@ def _accumulated_call(spec: RunSpec, dataset: Dataset, parts: tuple, X_op: tuple
     schedule = np.arange(T.shape[0], dtype=np.int64).reshape(1, -1) if full else dataset.batches
     gm, ga = np.zeros_like(g), np.zeros_like(g)
     ca = format_code(pol.accum)
-    codes = tuple(format_code(f) for f in (pol.compute, pol.update, pol.weights, pol.state, pol.params))
+    codes = tuple(format_code(f) for f in update_formats(pol))
     # generic codes, also for the pure fp32 linear models (policy_codes' static ones: bit-identical results, but
     # another ~8 s compiled loop)
     common = ((schedule, full, slots, Xbs, XbTs, Tbs, works, pc, gm, ga, g, accum64, ca) + before_codes + (codes,)

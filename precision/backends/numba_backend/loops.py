@@ -24,13 +24,17 @@ the update is the same ``apply_update``. Micro-batches have at most two sizes (a
 arrays come as two slots (``Xbs``, ``XbTs``, ``Tbs``, ``works``: 2-tuples picked by the slot). K = 1 runs the loops
 above, unchanged.
 
-``codes`` = (compute, update, weights, state, params); ``flags`` = :func:`.update.optimizer_flags`.
+``codes`` = (compute, update, weights, state, params), and a sixth, ``moment``, for a policy whose ``u=`` leaves its
+moments in U (``Policy.stores_state_once``): the format a new moment is rounded to inside the update before the rest
+of it uses it (``step_rules.moment_format``; without the sixth code it is the state format). Policies without it run
+the loops compiled for five codes, as before ``u=`` existed; ``flags`` = :func:`.update.optimizer_flags`.
 """
 
 from __future__ import annotations
 
 import numba
 import numpy as np
+from numba.extending import overload
 
 from .models import grad_linear, grad_mlp, grad_softmax
 from .rounding import JIT, rnd
@@ -38,6 +42,19 @@ from .update import OPT_ADAM, adam_element, row_scalars, sgd_element
 
 __all__ = ["run_linear", "run_softmax", "run_mlp", "apply_update", "run_linear_accum", "run_softmax_accum",
            "run_mlp_accum"]
+
+
+def moment_code(codes):
+    """The format code a new moment is rounded to inside the update: ``codes[5]`` when ``codes`` has six entries,
+    else the state's ``codes[3]`` (decided at compile time from the tuple's length)."""
+    raise NotImplementedError("moment_code is only callable from numba-compiled code")
+
+
+@overload(moment_code, jit_options=JIT)
+def _moment_code(codes):
+    if len(codes) == 6:
+        return lambda codes: codes[5]
+    return lambda codes: codes[3]
 
 
 @numba.njit(inline="always", **JIT)
@@ -54,7 +71,8 @@ def apply_update(step, row, g, w, s0, s1, p, codes, flags, unscale):
     ``unscale`` is the loss scale's inverse in U, or 1.0 without loss scaling (x * 1 is exact, so multiplying
     unconditionally changes nothing and keeps the loop branch-free). Branches on the optimizer are outside the
     element loops, so that they vectorize."""
-    cc, cu, cw, cs, cp = codes
+    cc, cu, cw, cs, cp = codes[0], codes[1], codes[2], codes[3], codes[4]
+    cm = moment_code(codes)
     kind, decoupled, l2, momentum, nesterov = flags
     scalars = row_scalars(row)
     nonfinite = 0
@@ -62,7 +80,7 @@ def apply_update(step, row, g, w, s0, s1, p, codes, flags, unscale):
         for j in range(w.size):
             gj = rnd(rnd(g[j], cu) * unscale, cu)
             wj, mj, vj = adam_element(rnd(w[j], cu), gj, rnd(s0[j], cu), rnd(s1[j], cu), scalars, decoupled, l2,
-                                      cu, cs)
+                                      cu, cm)
             s0[j] = rnd(mj, cs)
             s1[j] = rnd(vj, cs)
             wj = rnd(wj, cw)
@@ -75,7 +93,7 @@ def apply_update(step, row, g, w, s0, s1, p, codes, flags, unscale):
         for j in range(w.size):
             gj = rnd(rnd(g[j], cu) * unscale, cu)
             wj, buf = sgd_element(rnd(w[j], cu), gj, rnd(s0[j], cu), scalars, first, l2, momentum, nesterov, cu,
-                                  cs)
+                                  cm)
             s0[j] = rnd(buf, cs)  # without momentum buf is the stored value itself (zero): unchanged
             wj = rnd(wj, cw)
             pj = rnd(wj, cp)

@@ -1,8 +1,10 @@
 """The optimizer update, one element at a time, op for op as documented in :mod:`precision.optim`.
 
 Each arithmetic operation is rounded to the update format ``cu`` right after it, exactly where the numpy backend's
-typed ufuncs round (``numpy_backend/update.py``); moments go through the state format ``cs`` the way numpy's
-``store_state`` does (rounded to S, read back into U). The element functions are pure and inlined into the loops of
+typed ufuncs round (``numpy_backend/update.py``); moments go through the format ``cs`` the way numpy's
+``store_state`` does (rounded to it, read back into U): the training loop passes ``step_rules.moment_format`` there,
+the state format S, or U itself under the policy's ``u=`` (the moment is then used as computed and rounded to S
+only when stored, by the loop). The element functions are pure and inlined into the loops of
 :mod:`.loops` (training, carrier arrays updated in place) and :mod:`.kernels` (benchmarks, storage arrays).
 
 Scalars come from :func:`precision.optim.scalar_table` (float64 on the host, rounded once to U) and arrive as the
@@ -47,7 +49,7 @@ def optimizer_flags(opt: OptimizerSpec) -> tuple[int, int, int, int, int]:
 @numba.njit(inline="always", **JIT)
 def adam_element(w, g, m, v, row, decoupled, l2, cu, cs):
     """One Adam / AdamW step of one element; w, g, m, v already in the update format. Returns (w, m, v) with
-    m and v as stored in the state format (and read back), w in the update format."""
+    m and v as rounded to ``cs`` (and read back), w in the update format."""
     if decoupled:
         w = rnd(w * row[_DECAY], cu)  # decay = 1 - lr * wd, one host scalar (torch: p.mul_(1 - lr * wd))
     elif l2:
