@@ -26,8 +26,9 @@ _PALETTE = (
     "#2ca02c",  # bf16
     "#d62728",  # fp16
     "#e377c2",  # fp8-mixed
+    "#17becf",  # torch-bf16
     # for other policies: hues apart from the presets' (no second blue, green or red)
-    "#17becf", "#bcbd22", "#0b2e6f", "#e6ab02", "#00796b", "#c51b7d",
+    "#bcbd22", "#0b2e6f", "#e6ab02", "#00796b", "#c51b7d",
 )
 _PRESET_COLORS = dict(zip(POLICY_ORDER, _PALETTE))
 _OTHER_COLORS = _PALETTE[len(POLICY_ORDER):]
