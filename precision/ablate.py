@@ -38,8 +38,9 @@ from .policy import Policy, get_policy
 __all__ = ["FIELDS", "REFERENCES", "Ablation", "AblationPlan", "AblationRow", "AblationTable", "reference_policy",
            "ablation_policies", "unchanged_fields", "plan_ablation", "tabulate", "ablate", "format_ablation"]
 
-FIELDS = ("params", "compute", "accum", "state", "master", "loss_scale")  # Policy's fields, in its grammar order
-_KEYS = ("p", "c", "a", "s", "m", "ls")  # their keys in the policy grammar (precision/policy.py)
+# Policy's fields, in its grammar order, and their keys in the policy grammar (precision/policy.py)
+FIELDS = ("params", "compute", "accum", "state", "master", "loss_scale", "update_math")
+_KEYS = ("p", "c", "a", "s", "m", "ls", "u")
 REFERENCES = ("fp64", "fp32")  # formats a whole policy can live in (the accumulator must be fp32 or fp64)
 MESSAGE_CHARS = 70  # of an error or refusal in the text table (the report keeps messages whole)
 
@@ -125,14 +126,19 @@ def ablation_policies(policy: str | Policy, reference: str | Format = "fp64") ->
     pol = get_policy(policy)
     ref = reference_policy(pol, reference)
     ref_format = ref.params
+    # The update math is a field only of policies that state it (u=): the reference computes in its format anyway,
+    # so raising u sets it to that format, and lowering it states POLICY's u in the reference.
+    fields = [f for f in FIELDS if f != "update_math" or pol.update_math is not None]
     out = []
-    for field in FIELDS:
+    for field in fields:
         target = getattr(ref, field)
         if field == "master" and pol.master is None and pol.params != ref_format:
             target = ref_format  # add a master copy in the reference format
+        if field == "update_math":
+            target = ref_format
         if getattr(pol, field) != target:
             out.append(_change("raise", field, pol, target))
-    for field in FIELDS:
+    for field in fields:
         value = getattr(pol, field)
         if getattr(ref, field) != value:
             out.append(_change("lower", field, ref, value))
@@ -142,7 +148,8 @@ def ablation_policies(policy: str | Policy, reference: str | Format = "fp64") ->
 def unchanged_fields(policy: str | Policy, reference: str | Format = "fp64") -> list[str]:
     """The fields that have no ablation row in either direction (the same value in POLICY and the reference)."""
     changed = {a.field for a in ablation_policies(policy, reference)}
-    return [f for f in FIELDS if f not in changed]
+    stated = [f for f in FIELDS if f != "update_math" or get_policy(policy).update_math is not None]
+    return [f for f in stated if f not in changed]
 
 
 # ---- running an ablation ------------------------------------------------------------------------------------------

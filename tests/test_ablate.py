@@ -80,9 +80,19 @@ def test_refused_combinations_are_listed_with_the_reason():
 
 def test_ablating_the_reference_itself_changes_nothing():
     assert ablation_policies("fp64") == []
-    assert unchanged_fields("fp64") == list(FIELDS)
+    assert unchanged_fields("fp64") == [f for f in FIELDS if f != "update_math"]  # u is a field only where stated
     assert reference_policy("fp64") == PRESETS["fp64"]
     assert ablation_policies("fp32", reference="fp32") == []
+
+
+def test_update_math_is_ablated_where_the_policy_states_it():
+    """torch-bf16 (u=fp32): raising u computes the update in fp64; lowering it to fp32 under fp64 weights and state is
+    refused (u is at least as wide as they are); raising params, state or master to fp64 under u=fp32 is refused too."""
+    u_rows = [r for r in rows("torch-bf16") if r[1] == "update_math"]
+    assert u_rows == [("raise", "update_math", "fp32", "fp64", "p=bf16,c=bf16,a=fp32,s=bf16,u=fp64", True),
+                      ("lower", "update_math", "none", "fp32", "p=fp64,c=fp64,a=fp64,s=fp64,u=fp32", False)]
+    refused = {r[1] for r in rows("torch-bf16") if r[0] == "raise" and not r[5]}
+    assert refused == {"params", "compute", "state", "master"}
 
 
 def test_without_master_raising_it_adds_a_copy_and_there_is_no_lower_row():
