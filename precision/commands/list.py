@@ -22,7 +22,7 @@ def main(args) -> int:
             avail = backend_availability(name, device)
             state = "available" if avail.available else f"unavailable: {avail.reason}"
             print(f"  {name:<6} {device:<4} {state}")
-    print("policies (p=params c=compute a=accum s=state m=master ls=loss scale):")
+    print("policies (p=params c=compute a=accum s=state m=master ls=loss scale u=update math):")
     for name, policy in PRESETS.items():
         print(f"  {name:<14} {policy}")
     print("problems:")
