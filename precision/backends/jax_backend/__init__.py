@@ -21,6 +21,7 @@ from ..step_rules import host_scalars, micro_batches
 from ..base import Availability, drive_chunks, record_schedule
 from ..numpy_backend import targets_for
 from ..numpy_backend.ops import convert as host_convert
+from .ops import check_policy
 from .loop import Carry, LoopSpec, chunk_inputs, compile_chunk, initial_carry, lower_chunk
 from .update import structure
 
@@ -32,7 +33,8 @@ _FP64 = get_format("fp64")
 def needs_x64(policy: Policy) -> bool:
     """Whether any quantity of the policy lives in float64 (JAX then needs x64 to hold it)."""
     formats = (policy.params, policy.compute, policy.accum, policy.state, policy.master, policy.update)
-    return any(f is not None and f.name == "fp64" for f in formats)
+    # by the carrier: a custom format of more than fp32's range or precision is held in float64 too
+    return any(f is not None and f.dtype == np.float64 for f in formats)
 
 
 def jax_device(device: str) -> jax.Device:
@@ -79,6 +81,7 @@ class _Prepared(NamedTuple):
 def _prepare(spec: RunSpec, dataset: Dataset, device: jax.Device) -> _Prepared:
     """Everything a run feeds its compiled program, made on the host as the reference makes it, then placed."""
     pol, opt = spec.policy, spec.optimizer
+    check_policy(pol)  # a format XLA would compute in unrounded (an emulated compute or update format): refused
     X = host_convert(dataset.X_train, _FP64, pol.compute)
     T = host_convert(targets_for(dataset, dataset.y_train), _FP64, pol.compute)
     # Host scalars by the shared rules (step_rules.host_scalars: float64, rounded once), passed typed (0-d arrays).

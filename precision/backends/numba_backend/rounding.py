@@ -17,7 +17,15 @@ The rounding of a float32 pattern with magnitude bits ``a``, to a format keeping
 - below the format's smallest normal: ``(|x| + M) - M`` with ``M = 2^(emin - k + 23)``, whose ulp is the format's
   subnormal spacing 2^(emin - k), so the float32 addition itself rounds to that grid, ties to even;
 - a rounded magnitude above the format's max becomes inf, or NaN for finite-only formats (fp8 e4m3fn); NaN becomes
-  a quiet NaN (NaN payloads and signs carry no value: tests compare NaN as NaN).
+  a quiet NaN (NaN payloads and signs carry no value: tests compare NaN as NaN);
+- a format without subnormals (``fp(p=P,emax=E,subnormals=no)``) then flushes a rounded magnitude below its tiny
+  to zero (sign kept). Its flag is the sign bit of the ``magic`` field (a positive number otherwise), so the
+  FormatCode type, and every compiled loop, is the same for every format.
+
+Emulated formats (tf32, ``fp(p=P,emax=E)``, docs/formats.md) are just more parameters of the same recipe; their
+transcendentals always compute in float64 and round once (as in the numpy backend). The float64 training carrier
+is exact for + - * / sqrt only up to p = 25 (53 >= 2p + 2): :func:`format_code` refuses an emulated format with
+more precision, with a SpecError naming it.
 
 Each step is a select, not a branch, and the integer work stays 32 bits wide (an LLVM intrinsic: numba would widen
 uint32 arithmetic to 64 bits and halve the SIMD lanes), so loops around these functions vectorize. float64 inputs
@@ -47,9 +55,11 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
 
-from ...formats import Format, get_format
+from ...errors import SpecError
+from ...formats import MAX_EXACT_EMULATED_PRECISION, Format, get_format
 
-__all__ = ["FormatCode", "format_code", "static_code", "static_format_name", "rnd", "store", "like", "round32", "round64",
+__all__ = ["FormatCode", "format_code", "check_emulated", "static_code", "static_format_name", "rnd", "store", "like",
+           "round32", "round64",
            "round_array32", "round_array64", "JIT", "TRANSCENDENTALS", "TRANSCENDENTAL_FLOAT32",
            "TRANSCENDENTAL_ROUNDED", "HAS_F16C", "target_has"]
 
@@ -89,7 +99,8 @@ class FormatCode(NamedTuple):
     lsb32: int  # 2^s: the lowest kept bit (0 for the identity)
     mask32: int  # clears the dropped bits
     tiny32: int  # float32 pattern of the smallest normal number of the format
-    magic32: int  # float32 pattern of 2^(emin - k + 23): its ulp is the format's subnormal spacing
+    magic32: int  # float32 pattern of 2^(emin - k + 23): its ulp is the format's subnormal spacing; sign bit set:
+    # the format has no subnormals (flush results below tiny to zero)
     max32: int  # float32 pattern of the largest finite number
     overflow32: int  # pattern a too-large magnitude rounds to: inf, or NaN for finite-only formats
     half64: int
@@ -124,30 +135,50 @@ def _fields(fmt: Format) -> list[int]:
     for carrier_mantissa, bits, dtype, inf, qnan in ((_F32_MANTISSA, _bits32, np.float32, _F32_INF, _F32_QNAN),
                                                      (_F64_MANTISSA, _bits64, np.float64, _F64_INF, _F64_QNAN)):
         all_ones = (1 << np.dtype(dtype).itemsize * 8) - 1
+        sign_bit = (all_ones >> 1) + 1
+        if fmt.emulated and dtype == np.float32 and fmt.dtype == np.float64:
+            # A float32 carrier cannot hold this format (its carrier is float64): every nonzero value rounds to
+            # NaN there (max 0, overflow NaN), loudly, should a float32 kernel ever be handed it.
+            fields += [0, 0, all_ones, 0, 0, 0, qnan]
+            continue
         shift = carrier_mantissa - fmt.mantissa_bits
-        if shift <= 0:
+        if shift <= 0 and not fmt.emulated:
             # The carrier holds every value of the format (fp32 in float32, fp64 in float64): identity. (A float32
             # carrier is never asked to hold fp64 values: fp64 quantities live in float64.)
             fields += [0, 0, all_ones, 0, 0, bits(float(np.finfo(dtype).max)), inf]
             continue
         magic = math.ldexp(1.0, fmt.min_exponent - fmt.mantissa_bits + carrier_mantissa)
-        fields += [(1 << (shift - 1)) - 1, 1 << shift, all_ones ^ ((1 << shift) - 1), bits(fmt.tiny), bits(magic),
-                   bits(fmt.max), inf if fmt.has_inf else qnan]
+        # shift 0 (an emulated format with the carrier's precision, e.g. fp(p=24,emax=100) in float32): the normal
+        # range needs no rounding (half 0, lsb 0, full mask), the range, subnormals and flush still apply
+        fields += [max((1 << shift >> 1) - 1, 0), (1 << shift) if shift else 0, all_ones ^ ((1 << shift) - 1),
+                   bits(fmt.tiny), bits(magic) | (0 if fmt.has_subnormals else sign_bit), bits(fmt.max),
+                   inf if fmt.has_inf else qnan]
     fp32 = get_format("fp32")
-    fields.append(TRANSCENDENTAL_FLOAT64 if fmt.precision > fp32.precision else
+    fields.append(TRANSCENDENTAL_ROUNDED if fmt.emulated else
+                  TRANSCENDENTAL_FLOAT64 if fmt.precision > fp32.precision else
                   TRANSCENDENTAL_FLOAT32 if fmt.precision == fp32.precision else TRANSCENDENTAL_ROUNDED)
     # Patterns >= 2^63 do not fit numba's int64 tuple: keep their two's complement (same low 64 bits).
     return [f - (1 << 64) if f >= 1 << 63 else f for f in fields]
 
 
+def check_emulated(fmt: Format) -> None:
+    """SpecError for an emulated format the float64 carrier cannot compute exactly in (p > 25)."""
+    if fmt.emulated and fmt.precision > MAX_EXACT_EMULATED_PRECISION:
+        raise SpecError(f"format {fmt.name} is refused by the numba backend: its loops compute in a float64 "
+                        f"carrier, exact only up to p = {MAX_EXACT_EMULATED_PRECISION} (53 >= 2p + 2); "
+                        f"p = {fmt.precision} would round twice")
+
+
 def format_code(fmt: Format | str) -> FormatCode:
     """The integers that describe ``fmt`` to the kernels, all derived from its exponent and mantissa widths."""
-    return FormatCode(*_fields(get_format(fmt)))
+    fmt = get_format(fmt)
+    check_emulated(fmt)
+    return FormatCode(*_fields(fmt))
 
 
 # One FormatCode subclass per format: numba types a named tuple by its class, so each is its own compile-time type.
 _STATIC_CLASSES = {name: type(f"StaticFormatCode_{name}", (FormatCode,), {"format_name": name})
-                   for name in ("fp64", "fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2")}
+                   for name in ("fp64", "fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2", "tf32")}
 # Module attributes, so that pickle finds the classes by name: numba's on-disk cache pickles the argument types of
 # every compiled signature, and without this it silently recompiles the static specializations in every process.
 globals().update({cls.__name__: cls for cls in _STATIC_CLASSES.values()})
@@ -162,6 +193,9 @@ def static_format_name(code_type) -> str | None:
 def static_code(fmt: Format | str) -> FormatCode:
     """Like :func:`format_code`, but kernels taking it compile a specialization for this one format."""
     fmt = get_format(fmt)
+    if fmt.name not in _STATIC_CLASSES:
+        raise SpecError(f"format {fmt.name} has no static (compile-time) code in the numba backend: a custom format "
+                        f"compiles with format_code (runtime arguments); static codes: {', '.join(_STATIC_CLASSES)}")
     return _STATIC_CLASSES[fmt.name](*_fields(fmt))
 
 
@@ -178,10 +212,14 @@ def _rounding_codegen(width: int):
         a = builder.xor(u, sign)
         odd = builder.zext(builder.icmp_unsigned("!=", builder.and_(a, lsb), ir.Constant(it, 0)), it)
         normal = builder.and_(builder.add(builder.add(a, half), odd), mask)
-        magic_f = builder.bitcast(magic, fp)
+        flush = builder.lshr(magic, ir.Constant(it, width - 1))  # 1: no subnormals
+        magic_f = builder.bitcast(builder.and_(magic, ir.Constant(it, sign_bit - 1)), fp)
         subnormal = builder.bitcast(builder.fsub(builder.fadd(builder.bitcast(a, fp), magic_f), magic_f), it)
         r = builder.select(builder.icmp_unsigned("<", a, tiny), subnormal, normal)
         r = builder.select(builder.icmp_unsigned(">", r, max_bits), overflow, r)
+        # below tiny after rounding: zero when the format has no subnormals (threshold 0 otherwise: no-op)
+        threshold = builder.and_(tiny, builder.sub(ir.Constant(it, 0), flush))
+        r = builder.select(builder.icmp_unsigned("<", r, threshold), ir.Constant(it, 0), r)
         r = builder.select(builder.icmp_unsigned(">", a, ir.Constant(it, inf)), ir.Constant(it, qnan), r)
         return builder.bitcast(builder.or_(r, sign), fp)
     return codegen
