@@ -38,8 +38,8 @@ import numpy as np
 
 from .formats import Format, get_format
 
-__all__ = ["THREEFRY_ROTATIONS", "THREEFRY_PARITY", "RANDOM_BITS", "threefry2x32", "random_bits", "element_indices",
-           "SRParams", "sr_params", "carrier_dtype", "round_stochastic", "decompose", "check_key",
+__all__ = ["THREEFRY_ROTATIONS", "THREEFRY_PARITY", "RANDOM_BITS", "threefry2x32", "threefry_rounds", "random_bits",
+           "element_indices", "SRParams", "sr_params", "carrier_dtype", "round_stochastic", "decompose", "check_key",
            "realised_probability", "exact_probability"]
 
 # Threefry-2x32 (Salmon et al. 2011, Table 4 / Random123's threefry.h): rotation constants R_32x2 and the key
@@ -58,22 +58,24 @@ def threefry2x32(k0, k1, c0, c1, rounds: int = THREEFRY_ROUNDS):
     before round 0 and after every 4th round, with the injection number added to the second word."""
     k0, k1, c0, c1 = (np.asarray(v, dtype=np.uint32) for v in (k0, k1, c0, c1))
     with np.errstate(over="ignore"):  # uint32 additions wrap by design (numpy only warns for scalars)
-        return _threefry(k0, k1, c0, c1, rounds)
+        return threefry_rounds(np, k0, k1, c0, c1, rounds)
 
 
-def _threefry(k0, k1, c0, c1, rounds):
-    ks = (k0, k1, k0 ^ k1 ^ np.uint32(THREEFRY_PARITY))
+def threefry_rounds(xp, k0, k1, c0, c1, rounds: int = THREEFRY_ROUNDS):
+    """The rounds of :func:`threefry2x32` on uint32 arrays of the array namespace ``xp`` (numpy or jax.numpy):
+    written once, so the numpy reference and the JAX version are the same code."""
+    ks = (k0, k1, k0 ^ k1 ^ xp.uint32(THREEFRY_PARITY))
     x0 = c0 + ks[0]
     x1 = c1 + ks[1]
     for i in range(rounds):
         r = THREEFRY_ROTATIONS[i % 8]
         x0 = x0 + x1
-        x1 = (x1 << np.uint32(r)) | (x1 >> np.uint32(32 - r))
+        x1 = (x1 << xp.uint32(r)) | (x1 >> xp.uint32(32 - r))
         x1 = x1 ^ x0
         if i % 4 == 3:
             j = i // 4 + 1
             x0 = x0 + ks[j % 3]
-            x1 = x1 + ks[(j + 1) % 3] + np.uint32(j)
+            x1 = x1 + ks[(j + 1) % 3] + xp.uint32(j)
     return x0, x1
 
 

@@ -31,12 +31,12 @@ import pytest
 
 import precision.backends.numpy_backend.forward as numpy_forward
 from precision.backends.jax_backend import forward as jax_forward
-from precision.backends.numpy_backend.ops import FormatOps, convert
 from precision.formats import get_format, round_to
 from precision.inference import BATCH_SIZES, INFER_FORMATS, POSITION_BATCH, batch_invariance, forward
 from precision.machine import blas_info, cpu_features
 
 from test_inference import CASES, exact_rows, trained
+from test_numba_backend import AscendingProductOps
 
 PROBLEMS = tuple(CASES)
 
@@ -68,19 +68,6 @@ def distinct(out: np.ndarray) -> int:
     return len({row.tobytes() for row in np.asarray(out).reshape(len(out), -1)})
 
 
-class AscendingOps(FormatOps):
-    """numpy's FormatOps with numba's product: exact (or, in fp32 / fp64, rounded) products added in ascending k
-    in the accumulator, starting from +0, one rounding to the format (numba_backend/linalg.py)."""
-
-    def matmul(self, a, b):
-        acc = self.accum.dtype
-        a, b = a.astype(acc), b.astype(acc)
-        out = np.zeros((a.shape[0],) + b.shape[1:], dtype=acc)
-        for k in range(a.shape[1]):
-            out = out + (a[:, k:k + 1] * b[k] if b.ndim == 2 else a[:, k] * b[k])
-        return convert(out, self.accum, self.fmt)
-
-
 # ---------------------------------------------------------------------------------------------------- numba --
 
 
@@ -106,7 +93,7 @@ def test_numpy_is_invariant_with_a_fixed_order_product(problem, fmt, monkeypatch
     comparison only: there numba's tanh is the C library's and numpy's its own SIMD loop (a few ulp apart,
     tests/test_numba_backend.py); below fp32 both are float64 tanh rounded once and agree."""
     dataset, params = trained(problem)
-    monkeypatch.setattr(numpy_forward, "FormatOps", AscendingOps)
+    monkeypatch.setattr(numpy_forward, "FormatOps", AscendingProductOps)
     result = batch_invariance("numpy", first_rows(dataset, 96), params, fmt)
     assert result["invariant"], result
     if problem == "mlp" and fmt in ("fp32", "fp64"):

@@ -186,10 +186,9 @@ def libm_tanh(x: np.ndarray) -> np.ndarray:
 _NUMBA_FN = {"exp": numba_exp, "tanh": libm_tanh}
 
 
-class SequentialOps(FormatOps):
-    """numpy_backend.ops.FormatOps with numba's definitions of the two things that differ: every matrix product and
-    sum accumulates in ascending index order (products and sums each rounded in the accumulator's dtype, starting
-    from +0, one rounding to the format at the end), exp is numba's own and tanh the C library's."""
+class AscendingProductOps(FormatOps):
+    """numpy_backend.ops.FormatOps with numba's matrix product: products (exact, or rounded in fp32 / fp64) added in
+    ascending k in the accumulator's dtype, starting from +0, one rounding to the format (numba_backend/linalg.py)."""
 
     def matmul(self, a, b):
         acc = self.accum.dtype
@@ -198,6 +197,12 @@ class SequentialOps(FormatOps):
         for k in range(a.shape[1]):
             out = out + (a[:, k:k + 1] * b[k] if b.ndim == 2 else a[:, k] * b[k])
         return convert(out, self.accum, self.fmt)
+
+
+class SequentialOps(AscendingProductOps):
+    """numpy_backend.ops.FormatOps with numba's definitions of the two things that differ: every matrix product and
+    sum accumulates in ascending index order (products and sums each rounded in the accumulator's dtype, starting
+    from +0, one rounding to the format at the end), exp is numba's own and tanh the C library's."""
 
     def sum(self, x, axis, keepdims=False):
         acc = np.zeros(np.delete(x.shape, axis), dtype=self.accum.dtype)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ...formats import Format, get_format
-from ...stochastic import RANDOM_BITS, THREEFRY_PARITY, THREEFRY_ROTATIONS, THREEFRY_ROUNDS, check_key, sr_params
+from ...stochastic import RANDOM_BITS, check_key, sr_params, threefry_rounds
 
 __all__ = ["threefry2x32", "random_bits", "round_stochastic"]
 
@@ -25,19 +25,7 @@ _M32 = 0xFFFFFFFF
 def threefry2x32(k0, k1, c0, c1):
     """Threefry-2x32-20 on broadcast uint32 arrays; returns (y0, y1)."""
     k0, k1, c0, c1 = (jnp.asarray(v, dtype=jnp.uint32) for v in (k0, k1, c0, c1))
-    ks = (k0, k1, k0 ^ k1 ^ jnp.uint32(THREEFRY_PARITY))
-    x0 = c0 + ks[0]
-    x1 = c1 + ks[1]
-    for i in range(THREEFRY_ROUNDS):
-        r = THREEFRY_ROTATIONS[i % 8]
-        x0 = x0 + x1
-        x1 = (x1 << jnp.uint32(r)) | (x1 >> jnp.uint32(32 - r))
-        x1 = x1 ^ x0
-        if i % 4 == 3:
-            j = i // 4 + 1
-            x0 = x0 + ks[j % 3]
-            x1 = x1 + ks[(j + 1) % 3] + jnp.uint32(j)
-    return x0, x1
+    return threefry_rounds(jnp, k0, k1, c0, c1)
 
 
 def random_bits(seed, step, tensor, index):
