@@ -17,6 +17,12 @@ class Trajectory:
     step_times_s: tuple[float, ...]  # seconds per step of each timed chunk (warm-up excluded)
     compile_s: float  # compile / first-call time, kept out of step times
     diverged_at: int | None  # first step after which params were not finite; training stops there
+    # Dynamic loss scaling (None without it): the scale after each record step (step 0: the initial scale) and every
+    # step that was skipped for an inf/NaN gradient.
+    loss_scale: np.ndarray | None = None
+    skipped_steps: np.ndarray | None = None
+    # precision.audit's figures at each record step (None when the backend does not report its stored state)
+    audit: tuple | None = None
 
     @property
     def time_per_step_s(self) -> float | None:

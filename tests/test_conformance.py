@@ -358,8 +358,11 @@ def huge_lr_step(pol: Policy) -> int:
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_huge_lr_diverges_at_the_step_the_formats_give(backend):
     expected = {"fp64": 11, "fp32": 2, "fp16": 1, "bf16": 2, "fp16-mixed": 1, "bf16-mixed": 2, "fp16-mixed-ls": 1,
-                "fp8-mixed": 1, "torch-bf16": 2}
+                "fp8-mixed": 1, "torch-bf16": 2, "bf16-sr": 2, "bf16-kahan": 2, "torch-amp-fp16": 1}
     assert {name: huge_lr_step(pol) for name, pol in PRESETS.items()} == expected
+    # Dynamic loss scaling first skips step 1: its gradient (out - target) * 65536 / 1 on this data overflows fp16
+    # (max 65504) and the scale backs off to 32768; step 2 is then the formats' step 1.
+    expected["torch-amp-fp16"] += 1
     failures = []
     for name, pol in PRESETS.items():
         try:

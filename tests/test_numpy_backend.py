@@ -97,15 +97,16 @@ def test_every_optimizer_and_policy_runs_in_its_dtypes(problem, monkeypatch):
         seen.append(("gradient", ops.fmt.name))
         return g
 
-    def checked_update(opt, step, scalars, w, g, state, store_state):
+    def checked_update(opt, step, scalars, w, g, state, store_state, split=False):
         dtype = current["policy"].update.dtype
         assert scalars.dtype == w.dtype == g.dtype == dtype
         assert all(s.dtype == dtype for s in state)
-        w_new, state_new = update(opt, step, scalars, w, g, state, store_state)
-        assert w_new.dtype == dtype and all(s.dtype == dtype for s in state_new)
+        assert split == current["policy"].kahan  # the split form (base, delta) only for Kahan updates
+        *w_new, state_new = update(opt, step, scalars, w, g, state, store_state, split)
+        assert all(x.dtype == dtype for x in w_new) and all(s.dtype == dtype for s in state_new)
         assert len(state_new) == state_size(opt)
         seen.append(("update", opt.name))
-        return w_new, state_new
+        return (*w_new, state_new)
 
     monkeypatch.setattr(numpy_backend, "gradient", checked_gradient)
     monkeypatch.setattr(numpy_backend, "update", checked_update)

@@ -20,14 +20,20 @@ _COL = {name: i for i, name in enumerate(SCALAR_COLUMNS)}
 
 
 def update(xp, opt: OptimizerSpec, step, scalars: Sequence, w, g, state: Sequence,
-           store_state: Callable = lambda x: x):
+           store_state: Callable = lambda x: x, split: bool = False):
     """One optimizer step, op for op as documented in :mod:`precision.optim`.
 
     ``step`` is 1-based (a Python int, or a traced integer under ``jit``); ``scalars`` is the step's row of the
     scalar table as typed scalars of the update format; ``w``, ``g`` and ``state`` are arrays of the update format.
     ``store_state`` rounds a moment to its storage format and back, so the update goes on with the stored value.
-    Returns (new weights, new state list).
+    Returns (new weights, new state list); with ``split`` (Kahan-compensated updates, ``step_rules.KAHAN_CHAIN``)
+    (base, delta, new state list) instead, where new weights = base + delta is the same last op: base is the
+    weights (after AdamW's decay) and delta minus the step (a negation: exact).
     """
+
+    def finish(base, step_term, new_state):
+        return (base, -step_term, new_state) if split else (base - step_term, new_state)
+
     s = {name: scalars[i] for name, i in _COL.items()}
     if opt.name == "adamw":
         w = w * s["decay"]
@@ -38,14 +44,13 @@ def update(xp, opt: OptimizerSpec, step, scalars: Sequence, w, g, state: Sequenc
         m = store_state(s["beta1"] * m + s["one_minus_beta1"] * g)
         v = store_state(s["beta2"] * v + s["one_minus_beta2"] * (g * g))
         denom = xp.sqrt(v) / s["sqrt_bc2"] + s["eps"]
-        w = w - s["step_size"] * m / denom
-        return w, [m, v]
+        return finish(w, s["step_size"] * m / denom, [m, v])
     if opt.momentum:
         # torch: the buffer starts as g itself. A `where`, not a Python branch, so it also traces under jit.
         buf = store_state(xp.where(step == 1, g, s["momentum"] * state[0] + g))
         direction = g + s["momentum"] * buf if opt.nesterov else buf
-        return w - s["lr"] * direction, [buf]
-    return w - s["lr"] * g, []
+        return finish(w, s["lr"] * direction, [buf])
+    return finish(w, s["lr"] * g, [])
 
 
 def _softmax(ops, Z):

@@ -20,6 +20,10 @@ Three things are stated here, each once, as data and as small pure functions:
    from K consecutive micro-batches of the step's batch, each with the whole batch's seed scale, summed in order in
    A and rounded once to C. K = 1 is the chain as it was, the same code in every backend.
 
+5. **The remedies** (:data:`REMEDY_RULES`, docs/remedies.md): stochastic rounding of the stored weights (and
+   state), Kahan-compensated weight updates, and dynamic loss scaling (:func:`scaler_update`, :func:`dynamic_seed`,
+   :func:`dynamic_unscale`, :func:`sr_key`): what each changes in the chain, written once here.
+
 tests/test_conformance.py is the executable form of these rules: every backend in ``BACKENDS`` must give the same
 outcomes on its crafted cases (docs/conformance.md).
 
@@ -35,13 +39,15 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 
 from ..errors import SpecError
-from ..formats import get_format, round_to
+from ..formats import get_format, round_to, wider
 from ..optim import OptimizerSpec, scalar_table, state_size
 from ..policy import Policy
 
 __all__ = ["Link", "STEP_CHAIN", "DIVERGENCE_CHECKED", "DIVERGENCE_RULE", "SCALAR_RULES", "STATE_STORE_RULES", "StepResult",
            "apply_step", "all_finite", "state_store", "moment_format", "conversion_sequence", "HostScalars", "host_scalars",
-           "initial_values", "reference_step", "ACCUMULATION", "ACCUMULATION_CHAIN", "micro_batches", "accumulate"]
+           "initial_values", "reference_step", "ACCUMULATION", "ACCUMULATION_CHAIN", "micro_batches", "accumulate",
+           "REMEDY_RULES", "KAHAN_CHAIN", "sr_key", "SR_WEIGHTS_TENSOR", "sr_state_tensor", "kahan_store",
+           "scaler_update", "dynamic_seed", "dynamic_unscale", "ScalerState", "initial_scaler", "optimizer_state_size"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,11 +146,116 @@ ACCUMULATION = {
 }
 
 
+# The remedies (docs/remedies.md derives what each does to the numbers). Each entry is one decision.
+REMEDY_RULES = {
+    "sr": "r=sr: link 8 (new weights stored) rounds the update result stochastically to W with "
+          "precision.stochastic.round_stochastic (its U carrier: float32 for U up to fp32, float64 for fp64), key "
+          "sr_key(seed, stream) and tensor id SR_WEIGHTS_TENSOR, counter (element index in the flat parameter "
+          "vector, step mod 2^32). Links 9 and 10 stay round-to-nearest; P = round(W, P) too, so with W = P the "
+          "params are the stochastically rounded weights",
+    "sr-state": "r=sr-state: link 9 too, state vector i with tensor id sr_state_tensor(i) (needs u=: each moment "
+                "is then rounded once, when stored)",
+    "kahan": "r=kahan: the state gains a last vector, the compensation c in S (zeros at step 0). The optimizer "
+             "returns its update split as (base, delta) with new weights = base + delta (base: the weights, after "
+             "AdamW's decay; delta: minus the step; the same ops as without the split). KAHAN_CHAIN, in U: "
+             "t = delta + c; y = base + t; w = round(y, W); c = round(t - (w - base), S): the part of t that "
+             "the stored weights missed, carried into the next step (optimi's buffer; with U = W it is Fast2Sum)",
+    "dynamic": "ls=dynamic: the scale (float32, starts at init) multiplies the seed: seed = round(round(1/B, C) * "
+               "scale, C), the product exact in wider(C, fp32) (a power of two); the gradient in U is multiplied by "
+               "round(1/scale, U) (exact: computed in float32 from a power of two, as torch's reciprocal). A step "
+               "whose unscaled gradient is not all finite is skipped when skip=yes: weights, state and params "
+               "stay as they were, the divergence rule does not look at it, and the optimizer's step count does "
+               "not advance (the next update uses the scalar table's row of the applied-update count, and "
+               "momentum's first step is the first applied one), as torch skips optimizer.step(). Then the scale "
+               "is updated by scaler_update (torch's _amp_update_scale_). Every applied step is then the chain",
+}
+
+KAHAN_CHAIN = (
+    Link("update", "update", "update", "t = delta + c, c the compensation read into U"),
+    Link("weights", "update", "update", "y = base + t"),
+    Link("weights", "update", "weights", "new weights stored: round(y, W)"),
+    Link("state", "update", "state", "new compensation: round(t - (w - base), S), w read back into U"),
+)
+
+SR_WEIGHTS_TENSOR = 0
+_SR_TENSORS_PER_STREAM = 8  # weights and up to 7 state vectors per stream (Adam: 2)
+_M32 = 0xFFFFFFFF
+
+
+def sr_state_tensor(i: int) -> int:
+    """The generator's tensor id of state vector ``i`` under ``r=sr-state``."""
+    return SR_WEIGHTS_TENSOR + 1 + i
+
+
+def sr_key(seed: int, stream: int) -> tuple[int, int]:
+    """(seed word, tensor-id offset) of a run's stochastic rounding: the run's seed folded to 32 bits (its two
+    halves xored; seeds below 2^32 are themselves) and the stream's block of tensor ids. Every backend adds the
+    tensor id to the offset and passes the step mod 2^32 (precision.stochastic's four 32-bit fields)."""
+    seed = int(seed)
+    return (seed ^ (seed >> 32)) & _M32, int(stream) * _SR_TENSORS_PER_STREAM
+
+
+def optimizer_state_size(pol: Policy, n_state: int) -> int:
+    """State vectors the optimizer itself uses (``n_state`` stored ones less Kahan's compensation)."""
+    return n_state - 1 if pol.kahan else n_state
+
+
+def kahan_store(convert: Callable, pol: Policy, base, delta, comp):
+    """:data:`KAHAN_CHAIN`: (new weights in W, new compensation in S) from the split update (``base``, ``delta``,
+    in U) and the stored compensation ``comp`` (S)."""
+    t = delta + convert(comp, pol.state, pol.update)
+    w = convert(base + t, pol.update, pol.weights)
+    c = convert(t - (convert(w, pol.weights, pol.update) - base), pol.update, pol.state)
+    return w, c
+
+
+class ScalerState(NamedTuple):
+    """Dynamic loss scaling's state: the scale (float32) and the count of finite steps since the last change (the
+    growth tracker, int32), as torch keeps them."""
+    scale: object
+    tracker: object
+
+
+def initial_scaler(pol: Policy) -> ScalerState:
+    return ScalerState(np.float32(pol.dynamic_scale.init), np.int32(0))
+
+
+def scaler_update(xp, state: ScalerState, found_inf, ds) -> ScalerState:
+    """torch's ``_amp_update_scale_`` (aten/src/ATen/native/cpu/AmpGradScalerKernels.cpp) for the
+    :class:`precision.policy.DynamicScale` ``ds``, array-generic (numpy scalars, or traced under jit): a step with an
+    inf/NaN gradient multiplies the scale by backoff and resets the tracker; otherwise the tracker counts up and,
+    reaching ``interval``, multiplies the scale by growth (only when the result is finite) and resets. float32
+    products of powers of two: exact until they leave float32's range."""
+    scale, tracker = state
+    successful = tracker + xp.int32(1)
+    grown = scale * xp.float32(ds.growth)
+    at_interval = successful >= xp.int32(ds.interval)
+    new_scale = xp.where(found_inf, scale * xp.float32(ds.backoff),
+                         xp.where(at_interval & xp.isfinite(grown), grown, scale))
+    new_tracker = xp.where(found_inf | at_interval, xp.int32(0), successful)
+    return ScalerState(new_scale.astype(xp.float32), new_tracker.astype(xp.int32))
+
+
+def dynamic_seed(convert: Callable, pol: Policy, base_seed, scale):
+    """The seed scale of a step under dynamic loss scaling: round(base_seed * scale, C), with ``base_seed`` =
+    round(1/B, C) (a typed scalar of C) and ``scale`` float32, multiplied in wider(C, fp32) where the product of a
+    C value and a power of two is exact (:data:`REMEDY_RULES` "dynamic")."""
+    wide = wider(pol.compute, _FP32)
+    return convert(convert(base_seed, pol.compute, wide) * convert(scale, _FP32, wide), wide, pol.compute)
+
+
+def dynamic_unscale(xp, convert: Callable, pol: Policy, scale):
+    """round(1/scale, U): the reciprocal computed in float32 (exact for a power of two in range), as torch's
+    ``scale.double().reciprocal().float()``, then converted to U."""
+    return convert(xp.float32(1) / scale, _FP32, pol.update)
+
+
 class StepResult(NamedTuple):
     weights: object  # W
     state: list  # S, one array per state vector
     params: object  # P
     finite: object  # xp boolean scalar: the divergence rule's verdict on this step (True: not diverged)
+    gradient_finite: object = True  # with check_gradient: whether the unscaled gradient in U was all finite
 
 
 def all_finite(xp, weights, params):
@@ -170,24 +281,43 @@ def moment_format(pol: Policy):
 
 
 def apply_step(xp, convert: Callable, pol: Policy, gradient: Callable, update: Callable, weights, params,
-               state: Sequence, unscale=None) -> StepResult:
+               state: Sequence, unscale=None, *, stochastic: Callable | None = None,
+               check_gradient: bool = False) -> StepResult:
     """One training step, :data:`STEP_CHAIN` in order, array-generic.
 
     ``xp``: the array namespace (numpy or jax.numpy); ``convert(x, src, dst)``: the backend's exact format
     conversion; ``gradient(params_c)``: the flat gradient in C of params already in C (the backend binds data,
     batch rows and the seed scale); ``update(w, g, state)``: the optimizer in U returning (w, state), with the
     step's scalars and :func:`state_store` bound; ``unscale``: round(1/ls, U) as a typed scalar, or None.
-    ``weights``, ``params``, ``state``: the stored values (W, P, S). Returns the new stored values and the
-    divergence rule's verdict."""
+    ``weights``, ``params``, ``state``: the stored values (W, P, S; under ``r=kahan`` the last state vector is the
+    compensation). Returns the new stored values and the divergence rule's verdict.
+
+    The remedies (:data:`REMEDY_RULES`): under ``r=kahan`` ``update`` is called with ``split=True`` and returns
+    (base, delta, state); under ``r=sr`` / ``r=sr-state`` ``stochastic(x, fmt, tensor)`` rounds the U values ``x``
+    to ``fmt``'s storage (the backend binds the run's key and the step). ``check_gradient``: also report whether
+    the unscaled gradient is all finite (dynamic loss scaling skips the step when it is not)."""
     g = convert(gradient(convert(params, pol.params, pol.compute)), pol.compute, pol.update)
     if unscale is not None:
         g = g * unscale
-    w_u, state_u = update(convert(weights, pol.weights, pol.update), g,
-                          [convert(x, pol.state, pol.update) for x in state])
-    w = convert(w_u, pol.update, pol.weights)
-    new_state = [convert(x, pol.update, pol.state) for x in state_u]
+    gradient_finite = xp.all(xp.isfinite(g)) if check_gradient else True
+    w_read = convert(weights, pol.weights, pol.update)
+    if pol.kahan:
+        *opt_state, comp = state
+        base, delta, state_u = update(w_read, g, [convert(x, pol.state, pol.update) for x in opt_state], split=True)
+        w, comp = kahan_store(convert, pol, base, delta, comp)
+        new_state = [convert(x, pol.update, pol.state) for x in state_u] + [comp]
+    else:
+        w_u, state_u = update(w_read, g, [convert(x, pol.state, pol.update) for x in state])
+        if pol.stochastic:
+            w = stochastic(w_u, pol.weights, SR_WEIGHTS_TENSOR)
+        else:
+            w = convert(w_u, pol.update, pol.weights)
+        if pol.rounding == "sr-state":
+            new_state = [stochastic(x, pol.state, sr_state_tensor(i)) for i, x in enumerate(state_u)]
+        else:
+            new_state = [convert(x, pol.update, pol.state) for x in state_u]
     p = convert(w, pol.weights, pol.params)
-    return StepResult(w, new_state, p, all_finite(xp, w, p))
+    return StepResult(w, new_state, p, all_finite(xp, w, p), gradient_finite)
 
 
 def micro_batches(batch_size: int, accum_steps: int) -> tuple[tuple[int, int], ...]:
@@ -256,6 +386,9 @@ def host_scalars(pol: Policy, opt: OptimizerSpec, steps: int, batch_size: int) -
     return HostScalars(seed, unscale, scalar_table(opt, steps, pol.update))
 
 
+_FP32 = get_format("fp32")
+
+
 def initial_values(init_params: np.ndarray, pol: Policy, opt: OptimizerSpec) -> tuple:
     """(weights in W, params in P, [state in S]) as numpy arrays of the formats' dtypes: the float64 init rounded
     once to W, params converted from those weights (two roundings when W is narrower than fp64, the same in every
@@ -267,7 +400,8 @@ def initial_values(init_params: np.ndarray, pol: Policy, opt: OptimizerSpec) -> 
     with np.errstate(over="ignore", invalid="ignore"):
         weights = convert(np.asarray(init_params, dtype=np.float64), fp64, pol.weights)
         params = convert(weights, pol.weights, pol.params)
-    state = [np.zeros(np.shape(init_params), dtype=pol.state.dtype) for _ in range(state_size(opt))]
+    n_state = state_size(opt) + (1 if pol.kahan else 0)  # r=kahan: the compensation, last
+    state = [np.zeros(np.shape(init_params), dtype=pol.state.dtype) for _ in range(n_state)]
     return weights, params, state
 
 

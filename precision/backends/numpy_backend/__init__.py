@@ -6,14 +6,16 @@ from __future__ import annotations
 import numpy as np
 
 from ...data import Dataset
-from ...formats import get_format, to_format
+from ...formats import Format, get_format, to_format
 from ...policy import Policy
 from ...spec import RunSpec
 from ...trajectory import Trajectory
-from ..base import Availability, drive_chunks
-from ..step_rules import accumulate, apply_step, host_scalars, initial_values, micro_batches, state_store
+from ...stochastic import round_stochastic
+from ..base import Availability, ScalerLog, drive_chunks
+from ..step_rules import (accumulate, apply_step, dynamic_seed, dynamic_unscale, host_scalars, initial_scaler,
+                          initial_values, micro_batches, scaler_update, sr_key, state_store)
 from .models import gradient
-from .ops import FormatOps, convert
+from .ops import FormatOps, convert, emulated
 from .update import update
 
 __all__ = ["BACKEND", "NumpyBackend", "targets_for"]
@@ -41,7 +43,9 @@ class NumpyBackend:
         """The reference loop: every step is :func:`precision.backends.step_rules.apply_step` (the shared chain of
         conversions and the divergence rule) around this module's ``gradient`` and ``update``; with
         ``spec.accum_steps`` > 1 the gradient is :func:`~precision.backends.step_rules.accumulate` over the step's
-        micro-batches (``micro_batches``), each with the whole batch's seed scale."""
+        micro-batches (``micro_batches``), each with the whole batch's seed scale. The remedies of the policy
+        (``step_rules.REMEDY_RULES``: stochastic rounding, Kahan, dynamic loss scaling) are the same chain's
+        options; the dynamic loss scale's state and the skipped steps are kept here, on the host."""
         pol: Policy = spec.policy
         compute = FormatOps(pol.compute, pol.accum)
         scalars = host_scalars(pol, spec.optimizer, spec.steps, dataset.batch_size)
@@ -53,34 +57,60 @@ class NumpyBackend:
         table = scalars.table.astype(pol.update.dtype)  # exact: rounded to U by scalar_table
         store_state = state_store(convert, pol)
         weights, params, state = initial_values(dataset.init_params, pol, spec.optimizer)
-        box = {"weights": weights, "params": params, "state": state}
+        dynamic = pol.dynamic_scale
+        log = ScalerLog(initial_scaler(pol)) if dynamic else None
+        sr_seed, sr_offset = sr_key(spec.seed, pol.sr_stream)
+        # applied: the optimizer's step count (updates applied so far); it trails the step only when dynamic loss
+        # scaling skips steps (REMEDY_RULES "dynamic")
+        box = {"weights": weights, "params": params, "state": state, "applied": 0}
 
         def run_chunk(start: int, stop: int):
-            w, p, st = box["weights"], box["params"], box["state"]
+            w, p, st, applied = box["weights"], box["params"], box["state"], box["applied"]
             with np.errstate(all="ignore"):  # overflow and NaN are results here, reported as diverged_at
                 for step in range(start + 1, stop + 1):
-                    rows, row = dataset.batch(step), table[step - 1]
+                    rows, row, t = dataset.batch(step), table[applied], applied + 1
+                    seed = dynamic_seed(convert, pol, scale, log.state.scale) if dynamic else scale
+                    step_unscale = dynamic_unscale(np, convert, pol, log.state.scale) if dynamic else unscale
                     if len(bounds) == 1:
                         # gradient and update looked up in this module at call time (tests substitute them)
-                        def grad(pc, rows=rows):
-                            return gradient(spec.problem, compute, pc, X[rows], T[rows], scale, dataset.layout)
+                        def grad(pc, rows=rows, seed=seed):
+                            return gradient(spec.problem, compute, pc, X[rows], T[rows], seed, dataset.layout)
                     else:
-                        def grad(pc, rows=rows):
+                        def grad(pc, rows=rows, seed=seed):
                             return accumulate(convert, pol, (
-                                gradient(spec.problem, compute, pc, X[part], T[part], scale, dataset.layout)
+                                gradient(spec.problem, compute, pc, X[part], T[part], seed, dataset.layout)
                                 for part in _parts(rows, bounds)))
-                    w, st, p, finite = apply_step(
+                    result = apply_step(
                         np, convert, pol, grad,
-                        lambda w_u, g, st_u: update(spec.optimizer, step, row, w_u, g, st_u, store_state),
-                        w, p, st, unscale)
-                    if not finite:
-                        box.update(weights=w, params=p, state=st)
+                        lambda w_u, g, st_u, split=False: update(spec.optimizer, t, row, w_u, g, st_u, store_state,
+                                                                 *((True,) if split else ())),
+                        w, p, st, step_unscale, stochastic=_stochastic(sr_seed, sr_offset, step),
+                        check_gradient=dynamic is not None)
+                    skipped = dynamic is not None and dynamic.skip and not result.gradient_finite
+                    if dynamic:
+                        log.step(step, scaler_update(np, log.state, not result.gradient_finite, dynamic), skipped)
+                    if skipped:
+                        continue
+                    w, st, p, applied = result.weights, result.state, result.params, applied + 1
+                    if not result.finite:
+                        box.update(weights=w, params=p, state=st, applied=applied)
                         return step
-            box.update(weights=w, params=p, state=st)
+            box.update(weights=w, params=p, state=st, applied=applied)
             return None
 
         return drive_chunks(spec, run_chunk, snapshot=lambda: box["params"].astype(np.float64),
-                            final_params=lambda: box["params"].copy())
+                            final_params=lambda: box["params"].copy(), scaler=log,
+                            stored=lambda: (box["weights"], box["params"], box["state"]), dataset=dataset)
+
+
+def _stochastic(seed: int, offset: int, step: int):
+    """``stochastic(x, fmt, tensor)`` for ``apply_step``: ``x`` (U values) rounded stochastically to ``fmt`` with the
+    run's key (``step_rules.sr_key``) at ``step``, as an array of ``fmt``'s storage dtype (exact: the values are
+    values of ``fmt``)."""
+    def rounded(x, fmt: Format, tensor: int):
+        y = round_stochastic(np.asarray(x), fmt, seed, step & 0xFFFFFFFF, offset + tensor)
+        return emulated(y.astype(fmt.dtype), fmt)
+    return rounded
 
 
 def _parts(rows, bounds):
