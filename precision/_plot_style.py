@@ -27,8 +27,11 @@ _PALETTE = (
     "#d62728",  # fp16
     "#e377c2",  # fp8-mixed
     "#17becf",  # torch-bf16
+    "#00796b",  # bf16-sr
+    "#e6ab02",  # bf16-kahan
+    "#c51b7d",  # torch-amp-fp16
     # for other policies: hues apart from the presets' (no second blue, green or red)
-    "#bcbd22", "#0b2e6f", "#e6ab02", "#00796b", "#c51b7d",
+    "#bcbd22", "#0b2e6f", "#6a3d9a", "#b15928", "#01665e",
 )
 _PRESET_COLORS = dict(zip(POLICY_ORDER, _PALETTE))
 _OTHER_COLORS = _PALETTE[len(POLICY_ORDER):]

@@ -39,8 +39,11 @@ __all__ = ["FIELDS", "REFERENCES", "Ablation", "AblationPlan", "AblationRow", "A
            "ablation_policies", "unchanged_fields", "plan_ablation", "tabulate", "ablate", "format_ablation"]
 
 # Policy's fields, in its grammar order, and their keys in the policy grammar (precision/policy.py)
-FIELDS = ("params", "compute", "accum", "state", "master", "loss_scale", "update_math")
-_KEYS = ("p", "c", "a", "s", "m", "ls", "u")
+FIELDS = ("params", "compute", "accum", "state", "master", "loss_scale", "update_math", "dynamic_scale", "rounding")
+_KEYS = ("p", "c", "a", "s", "m", "ls", "u", "ls", "r")
+# Fields that are rows only for a policy that states them (the reference never does: it computes in its format,
+# with no loss scale and round-to-nearest)
+_OPTIONAL = {"update_math": None, "dynamic_scale": None, "rounding": "nearest"}
 REFERENCES = ("fp64", "fp32")  # formats a whole policy can live in (the accumulator must be fp32 or fp64)
 MESSAGE_CHARS = 70  # of an error or refusal in the text table (the report keeps messages whole)
 
@@ -75,7 +78,7 @@ class Ablation:
         parts = []
         for key, field in zip(_KEYS, FIELDS):
             value = _value_text(getattr(self.start, field)) if field != self.field else self.after
-            if value != "none":
+            if value not in ("none", "nearest"):
                 parts.append(f"{key}={value}")
         return ",".join(parts)
 
@@ -85,6 +88,8 @@ def _value_text(value) -> str:
         return "none"
     if isinstance(value, Format):
         return value.name
+    if not isinstance(value, (int, float)):
+        return str(value)  # a rounding mode, a dynamic loss scale
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
@@ -113,8 +118,11 @@ def reference_policy(policy: str | Policy, reference: str | Format = "fp64") -> 
 
 def _change(direction: str, field: str, start: Policy, value) -> Ablation:
     before, after = _value_text(getattr(start, field)), _value_text(value)
+    changes = {field: value}
+    if field == "rounding":  # the stream goes with stochastic rounding
+        changes["sr_stream"] = start.sr_stream if value in ("sr", "sr-state") else 0
     try:
-        return Ablation(direction, field, before, after, start, dataclasses.replace(start, **{field: value}))
+        return Ablation(direction, field, before, after, start, dataclasses.replace(start, **changes))
     except SpecError as exc:  # Policy's own rules (accumulator width, loss scale): listed with the reason
         return Ablation(direction, field, before, after, start, None, str(exc))
 
@@ -127,8 +135,10 @@ def ablation_policies(policy: str | Policy, reference: str | Format = "fp64") ->
     ref = reference_policy(pol, reference)
     ref_format = ref.params
     # The update math is a field only of policies that state it (u=): the reference computes in its format anyway,
-    # so raising u sets it to that format, and lowering it states POLICY's u in the reference.
-    fields = [f for f in FIELDS if f != "update_math" or pol.update_math is not None]
+    # so raising u sets it to that format, and lowering it states POLICY's u in the reference. A dynamic loss scale
+    # and a rounding mode are rows of the policies that have them: raising removes them, lowering adds them to the
+    # reference (which Policy may refuse: stochastic rounding needs u= wider than the weights).
+    fields = _stated_fields(pol)
     out = []
     for field in fields:
         target = getattr(ref, field)
@@ -148,8 +158,11 @@ def ablation_policies(policy: str | Policy, reference: str | Format = "fp64") ->
 def unchanged_fields(policy: str | Policy, reference: str | Format = "fp64") -> list[str]:
     """The fields that have no ablation row in either direction (the same value in POLICY and the reference)."""
     changed = {a.field for a in ablation_policies(policy, reference)}
-    stated = [f for f in FIELDS if f != "update_math" or get_policy(policy).update_math is not None]
-    return [f for f in stated if f not in changed]
+    return [f for f in _stated_fields(get_policy(policy)) if f not in changed]
+
+
+def _stated_fields(pol: Policy) -> list[str]:
+    return [f for f in FIELDS if f not in _OPTIONAL or getattr(pol, f) != _OPTIONAL[f]]
 
 
 # ---- running an ablation ------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from .data import Dataset
 from .formats import Format, get_format, to_format
 from .spec import RunSpec
 
-__all__ = ["make_auditor", "underflow_share", "effective_eps"]
+__all__ = ["make_auditor", "underflow_share", "effective_eps", "audit_summary", "mean_stagnation", "MAX_LISTED_SKIPS"]
 
 _FP64 = get_format("fp64")
 
@@ -104,3 +104,28 @@ def make_auditor(spec: RunSpec, dataset: Dataset) -> Callable[..., dict]:
         }
 
     return audit
+
+
+MAX_LISTED_SKIPS = 1000  # skipped step numbers kept in a report (the count is always whole)
+
+
+def audit_summary(spec: RunSpec, traj) -> dict | None:
+    """A result's ``audit`` (docs/reports.md): eps and its value in U, the record steps' audits and, under dynamic
+    loss scaling, the scale at each record step and the skipped steps (the first MAX_LISTED_SKIPS of them, and
+    their count). None when the backend reported neither."""
+    if traj.audit is None and traj.loss_scale is None:
+        return None
+    eps, eff = effective_eps(spec)
+    out = {"eps": eps, "effective_eps": eff, "records": list(traj.audit or ())}
+    if traj.loss_scale is not None:
+        out["loss_scale"] = [[int(s), float(v)] for s, v in zip(traj.record_steps, traj.loss_scale)]
+        skipped = np.asarray(traj.skipped_steps if traj.skipped_steps is not None else (), dtype=np.int64)
+        out["skipped"] = int(skipped.size)
+        out["skipped_steps"] = skipped[:MAX_LISTED_SKIPS].tolist()
+    return out
+
+
+def mean_stagnation(audit: dict | None) -> float | None:
+    """The mean stagnation over a result's record steps after step 0 (None without an audit)."""
+    records = [r for r in (audit or {}).get("records", ()) if r["step"] > 0]
+    return float(np.mean([r["stagnation"] for r in records])) if records else None

@@ -13,7 +13,8 @@ from .errors import SpecError, choice_error
 from .problems import PROBLEMS, Problem, get_problem
 
 __all__ = ["Dataset", "DATA_SOURCES", "DATA_SETS", "DataSet", "make_dataset", "SYNTHETIC_SHAPE", "MAX_SEED",
-           "check_seed", "fit_error", "split_sizes", "classes_for", "batch_schedule", "draw_init_params"]
+           "check_seed", "fit_error", "split_sizes", "classes_for", "batch_schedule", "draw_init_params", "data_set",
+           "check_data_source"]
 
 SYNTHETIC_SHAPE = (1280, 32)  # samples, features: a 1024-sample train split after the 80/20 split
 SYNTHETIC_CLASSES = 4
@@ -41,6 +42,11 @@ class DataSet:
     features: int
     classes: int | None  # 0: regression targets; None: made to fit the problem (synthetic)
     needs: str | None = None  # the optional package that loads it (its pip extra is 'data')
+    train: int | None = None  # rows of its own train split (a data file with X_test); None: split 80/20 by seed
+
+    def split(self) -> tuple[int, int]:
+        """(train rows, test rows)."""
+        return (self.train, self.samples - self.train) if self.train is not None else split_sizes(self.samples)
 
 
 # Checked against the loaded data by tests/test_grid_validation.py, so the table cannot drift from the real sets.
@@ -58,9 +64,34 @@ def split_sizes(samples: int) -> tuple[int, int]:
     return samples - n_test, n_test
 
 
+def check_data_source(data: str) -> str:
+    """``data`` if it names a built-in data set or a data file (precision.owndata), else a SpecError naming the
+    choices. A file is not opened here."""
+    from .owndata import is_file_source, parse_source
+    if data in DATA_SOURCES:
+        return data
+    if isinstance(data, str) and is_file_source(data):
+        parse_source(data)
+        return data
+    raise choice_error("data set", data, [*DATA_SOURCES, "or a data file PATH.npz / PATH.csv:COLUMN"])
+
+
+def data_set(data: str) -> DataSet:
+    """What the grid checks need to know about ``data``: the table's entry, or a data file's shape and classes (the
+    file is read and checked once per process; precision.owndata)."""
+    if data in DATA_SETS:
+        return DATA_SETS[data]
+    from .owndata import load_file
+    f = load_file(check_data_source(data))
+    return DataSet(data, f.samples, f.X.shape[1], f.classes, None, f.train_rows)
+
+
 def classes_for(problem: Problem, data: str) -> int:
-    """Classes of ``data`` when made for ``problem`` (0: regression), from the table: nothing is loaded."""
-    known = DATA_SETS[data].classes
+    """Classes of ``data`` when made for ``problem`` (0: regression), from the table: nothing is loaded (a data file
+    is read once). A regression problem treats any numeric target of a data file as a regression target."""
+    if data not in DATA_SETS and problem.task == "regression":
+        return 0
+    known = data_set(data).classes
     if known is not None:
         return known
     return 0 if problem.task == "regression" else (2 if problem.task == "binary" else SYNTHETIC_CLASSES)
@@ -123,6 +154,18 @@ def _synthetic(problem: Problem, rng: np.random.Generator):
     logits = X @ W + rng.gumbel(size=(n, classes))  # Gumbel-max: labels sampled from softmax(X W)
     labels = np.argmax(logits, axis=1).astype(np.int64)
     return X, labels, classes
+
+
+def _file(problem: Problem, data: str):
+    """(X, y, classes, test rows at the end of X) of a data file; a regression problem reads any target as values."""
+    from .owndata import load_file
+    f = load_file(data)
+    X = f.X if f.X_test is None else np.concatenate([f.X, f.X_test])
+    y = f.y if f.y_test is None else np.concatenate([f.y, f.y_test])
+    given_test = 0 if f.X_test is None else len(f.X_test)
+    if problem.task == "regression" or not f.classes:
+        return X, y.astype(np.float64), 0, given_test
+    return X, f.labels(y), f.classes, given_test
 
 
 def _sklearn(name: str):
@@ -194,8 +237,7 @@ def make_dataset(problem: str, data: str = "synthetic", seed: int = 0, steps: in
     The arguments are checked before anything is loaded or allocated (SpecError naming the bad value); the dataset
     records them (``made_for()``), so a spec is never trained on a dataset made for another one."""
     prob = get_problem(problem)
-    if data not in DATA_SOURCES:
-        raise choice_error("data set", data, DATA_SOURCES)
+    check_data_source(data)
     seed = check_seed(seed)
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
         raise SpecError(f"steps {steps!r} must be a non-negative integer")
@@ -204,18 +246,29 @@ def make_dataset(problem: str, data: str = "synthetic", seed: int = 0, steps: in
     if batch_size is not None and batch_size <= 0:
         raise SpecError(f"batch size {batch_size} must be positive (or omitted for full batch)")
     rng = np.random.default_rng(seed)
-    X, y, classes = _synthetic(prob, rng) if data == "synthetic" else _sklearn(data)
+    if data in DATA_SOURCES:
+        X, y, classes = _synthetic(prob, rng) if data == "synthetic" else _sklearn(data)
+        given_test = 0
+    else:
+        X, y, classes, given_test = _file(prob, data)
     mismatch = fit_error(prob, data, classes)
     if mismatch:
         raise SpecError(mismatch)
-    order = rng.permutation(len(X))
-    n_test = int(round(len(X) * TEST_FRACTION))
-    test, train = order[:n_test], order[n_test:]
+    if given_test:  # the file's own split: train rows first, then its test rows (in the file's order)
+        order = np.arange(len(X))
+        train, test = order[:len(X) - given_test], order[len(X) - given_test:]
+    else:
+        order = rng.permutation(len(X))
+        n_test = int(round(len(X) * TEST_FRACTION))
+        test, train = order[:n_test], order[n_test:]
     # Standardize with train-split statistics (float64), so the problems are well conditioned at any format.
     mean, std = X[train].mean(axis=0), X[train].std(axis=0)
     std[std == 0] = 1.0
     X = (X - mean) / std
     if prob.task == "regression":
+        if y[train].std() == 0:
+            raise SpecError(f"data {data!r}: the regression target is constant on the training split (seed {seed}): "
+                            f"nothing to learn")
         y = (y - y[train].mean()) / y[train].std()
     layout = prob.layout(X.shape[1], classes if prob.task == "multiclass" else 0)
     init_params = draw_init_params(layout, rng)  # drawn before the schedule: independent of steps and batch size

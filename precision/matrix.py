@@ -10,7 +10,7 @@ from typing import Iterable
 
 from .calibration import CALIBRATION_BYTES
 from .backends import BACKENDS, backend_availability
-from .data import DATA_SETS, classes_for, fit_error, split_sizes
+from .data import classes_for, data_set, fit_error
 from .errors import SpecError
 from .optim import make_optimizer
 from .policy import get_policy
@@ -132,8 +132,8 @@ class _Cost:
 
 def _cost(spec: RunSpec) -> _Cost:
     problem = get_problem(spec.problem)
-    info = DATA_SETS[spec.data]
-    n_train, n_test = split_sizes(info.samples)
+    info = data_set(spec.data)
+    n_train, n_test = info.split()
     classes = classes_for(problem, spec.data)
     layout = problem.layout(info.features, classes if problem.task == "multiclass" else 0)
     params = sum(_prod(shape) for _, shape in layout)
@@ -241,14 +241,14 @@ def check_grid(specs: Iterable[RunSpec], *, force: bool = False, cli_names: bool
         raise SpecError(f"{misfits[first]}{more}")
 
     for bs, data in dict.fromkeys((s.batch_size, s.data) for s in specs if s.batch_size is not None):
-        n_train = split_sizes(DATA_SETS[data].samples)[0]
+        n_train = data_set(data).split()[0]
         if bs > n_train:
             full = "'full'" if cli_names else "None"
             raise SpecError(f"{name('--batch-size', 'batch size', bs)} is larger than the {n_train} training rows of "
                             f"data set {data!r}; valid: 1..{n_train}, or {full} for full batch")
 
     for data in dict.fromkeys(s.data for s in specs):
-        needs = DATA_SETS[data].needs
+        needs = data_set(data).needs
         if needs and importlib.util.find_spec(needs) is None:
             raise SpecError(f"data set {data!r} needs scikit-learn: pip install 'precision[data]'")
 

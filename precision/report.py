@@ -63,6 +63,9 @@ class Result:
     inference: tuple[dict, ...] | None = None
     batch_invariance: tuple[dict, ...] | None = None
     accumulation: dict | None = None
+    # What the formats did to the steps (precision.audit): stagnation and underflow at each record step, eps in U,
+    # and under dynamic loss scaling the scale history and the skipped steps. Optional like the fields above.
+    audit: dict | None = None
 
     @property
     def id(self) -> str:

@@ -19,6 +19,7 @@ from .data import Dataset, make_dataset
 from .drift import compare, fingerprint
 from .errors import PrecisionError, SpecError
 from .accumulation import accumulation_figures
+from .audit import audit_summary
 from .floors import Floors, check_floor_seeds, judge, measure_floors
 from .matrix import check_grid
 from .report import Report, Result, environment, now_utc
@@ -106,7 +107,7 @@ def _result(spec: RunSpec, traj: Trajectory, ref: Trajectory, dataset: Dataset) 
         bits_of_agreement=drift.bits_of_agreement, rel_l2=drift.rel_l2, max_ulp=drift.max_ulp,
         loss_gap=drift.loss_gap, flip_rate=drift.flip_rate, diverged_at=traj.diverged_at,
         fingerprint=fingerprint(traj.final_params), step_times_s=tuple(map(float, traj.step_times_s)),
-        drift=tuple(dataclasses.asdict(point) for point in drift.trajectory))
+        drift=tuple(dataclasses.asdict(point) for point in drift.trajectory), audit=audit_summary(spec, traj))
 
 
 def run_one(spec: RunSpec, cache: _Cache | None = None, save_params: Path | None = None, *,

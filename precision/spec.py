@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .data import DATA_SETS, DATA_SOURCES, MAX_SEED, check_seed, split_sizes
+from .data import MAX_SEED, check_data_source, check_seed, data_set
 from .errors import SpecError, choice_error
 from .optim import OptimizerSpec
 from .policy import PRESETS, Policy
@@ -46,8 +46,7 @@ class RunSpec:
         get_problem(self.problem)  # raises, naming the valid problems
         if self.backend not in BACKENDS:  # a name check only: no framework is imported
             raise choice_error("backend", self.backend, BACKENDS)
-        if self.data not in DATA_SOURCES:
-            raise choice_error("data set", self.data, DATA_SOURCES)
+        check_data_source(self.data)  # a data file's name only: its content is checked by the grid check
         for name in ("steps", "record_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_COUNT:
@@ -74,7 +73,7 @@ class RunSpec:
             raise SpecError(f"accum_steps {k!r} must be a positive integer (1: no gradient accumulation)")
         if k == 1:
             return
-        train_rows, _ = split_sizes(DATA_SETS[self.data].samples)
+        train_rows, _ = data_set(self.data).split()
         rows = train_rows if self.batch_size is None else min(self.batch_size, train_rows)
         if k > rows:
             batch = "full batch" if rows == train_rows else f"batch size {self.batch_size}"
@@ -106,4 +105,9 @@ class RunSpec:
             "policy": str(self.policy), "policy_name": self.policy.name, "backend": self.backend,
             "device": self.device, "steps": self.steps, "seed": self.seed, "batch_size": self.batch_size,
             "record_every": self.record_every, "accum_steps": self.accum_steps,
-        }
+        } | self._data_file()
+
+    def _data_file(self) -> dict:
+        """A data file's content hash (sha256), so a report says which data it was measured on."""
+        from .owndata import is_file_source, load_file
+        return {"data_sha256": load_file(self.data).sha256} if is_file_source(self.data) else {}

@@ -10,7 +10,7 @@ __all__ = ["format_table", "format_report", "format_serving", "format_batch_inva
 
 MESSAGE_CHARS = 60  # of a status message in the table (the report keeps it whole): one row stays one line
 POLICY_ORDER = ("fp64", "fp32", "bf16-mixed", "fp16-mixed", "fp16-mixed-ls", "bf16", "fp16", "fp8-mixed",
-                "torch-bf16")
+                "torch-bf16", "bf16-sr", "bf16-kahan", "torch-amp-fp16")
 
 
 def _num(x, fmt: str, missing: str = "-") -> str:

@@ -80,9 +80,21 @@ def test_refused_combinations_are_listed_with_the_reason():
 
 def test_ablating_the_reference_itself_changes_nothing():
     assert ablation_policies("fp64") == []
-    assert unchanged_fields("fp64") == [f for f in FIELDS if f != "update_math"]  # u is a field only where stated
+    # u, a dynamic loss scale and a rounding mode are fields only where stated
+    assert unchanged_fields("fp64") == [f for f in FIELDS if f not in ("update_math", "dynamic_scale", "rounding")]
     assert reference_policy("fp64") == PRESETS["fp64"]
     assert ablation_policies("fp32", reference="fp32") == []
+
+
+def test_remedies_are_ablated_where_the_policy_states_them():
+    """bf16-sr: raising r removes stochastic rounding (torch-bf16); lowering it is refused (the fp64 reference's
+    update is its weights' format: nothing left to round). torch-amp-fp16: raising ls removes dynamic scaling."""
+    rows = {(a.direction, a.field): a for a in ablation_policies("bf16-sr")}
+    assert rows["raise", "rounding"].policy == PRESETS["torch-bf16"]
+    assert not rows["lower", "rounding"].valid and "r=sr needs an update format wider" in rows["lower", "rounding"].reason
+    rows = {(a.direction, a.field): a for a in ablation_policies("torch-amp-fp16")}
+    assert rows["raise", "dynamic_scale"].policy == PRESETS["fp16-mixed"]
+    assert rows["lower", "dynamic_scale"].policy.dynamic_scale == PRESETS["torch-amp-fp16"].dynamic_scale
 
 
 def test_update_math_is_ablated_where_the_policy_states_it():

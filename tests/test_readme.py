@@ -43,9 +43,9 @@ PRECISION = [argv for argv in ALL if argv[0] == "precision"]
 
 
 def scaled(argv: list[str]) -> list[str]:
-    """``precision run`` and ``precision ablate`` with --steps STEPS --record-every 3 and no progress line; other
-    commands unchanged."""
-    if argv[1] not in ("run", "ablate"):
+    """``precision run``, ``precision ablate`` and ``precision remedies`` with --steps STEPS --record-every 3 and no
+    progress line; other commands unchanged."""
+    if argv[1] not in ("run", "ablate", "remedies"):
         return argv
     out, skip = [], False
     for arg in argv:
@@ -76,7 +76,9 @@ def test_readme_has_the_examples_this_test_knows():
 
 def test_every_precision_command_runs_as_documented(tmp_path):
     for argv in PRECISION:
-        cmd = [str(BIN / "precision"), *scaled(argv)[1:]]
+        # the README's example data files are named from the repository root
+        cmd = [str(BIN / "precision"), *(str(REPO / a) if a.startswith("tests/data/") else a
+                                          for a in scaled(argv)[1:])]
         proc = _run(cmd, tmp_path)
         shown = " ".join(argv)
         assert "Traceback" not in proc.stderr + proc.stdout, (shown, proc.stderr[-2000:])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from ..errors import SpecError
@@ -97,28 +96,11 @@ def _items(args, option: str) -> list[str] | None:
     return items
 
 
-class _Progress:
-    """One updating line on a terminal; nothing when stderr is not a terminal."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-
-    def __call__(self, i, n, spec, result):
-        if self.enabled:
-            line = f"[{i}/{n}] {spec.id}  {result.status}"[:150]
-            sys.stderr.write("\r\033[K" + line + ("\r\033[K" if i == n else ""))
-            sys.stderr.flush()
-
-
-def _say(line: str) -> None:
-    print(("\r\033[K" if sys.stderr.isatty() else "") + line, file=sys.stderr)
-
-
 def main(args) -> int:
-    from .._atomic import OutputError, check_file_target
+    from .._atomic import check_file_target
     from ..ablate import format_ablation, plan_ablation, tabulate
-    from ..report import Report, environment, now_utc
-    from ..runner import run, validate
+    from ..runner import validate
+    from ._grid import run_grid, summary_line
 
     # Everything is checked before anything runs or is written: names and values, the policy and the reference,
     # the grid as precision run checks it (problem/data fit, batch sizes, sizes, backends), the output path.
@@ -130,45 +112,10 @@ def main(args) -> int:
     out = Path(args.out) if args.out else None
     if out is not None:
         check_file_target(out, "--out")
-    done = []
-    try:
-        report = run(specs, progress=_Progress(sys.stderr.isatty() and not args.quiet), on_result=done.append,
-                     force=args.force)
-    except KeyboardInterrupt:
-        if out is None or not done:
-            _say("precision ablate: interrupted; nothing written")
-            return 130
-        try:
-            Report(results=tuple(done), environment=environment(), created=now_utc()).save(out)
-        except (OSError, OutputError) as exc:
-            _say(f"precision ablate: interrupted; the report could not be written ({exc})")
-            return 130
-        _say(f"precision ablate: interrupted; {len(done)} of {len(specs)} results saved to {out}")
-        return 130
-    statuses = [r.status for r in report.results]
-    nothing_ran = not any(s in ("ok", "diverged") for s in statuses)
-    status = 0
-    written = None
-    if out is not None:
-        if nothing_ran and out.exists():
-            _say(f"precision ablate: error: nothing ran; the existing report {str(out)!r} was kept")
-            status = 1
-        else:
-            try:
-                written = report.save(out)
-            except (OSError, OutputError) as exc:
-                _say(f"precision ablate: error: the report could not be written to {str(out)!r} ({exc})")
-                status = 1
-    if "error" in statuses:
-        _say(f"precision ablate: error: {statuses.count('error')} of {len(statuses)} runs failed; their messages "
-             f"are in the table{' and the report' if written else ''}")
-        status = 1
-    elif nothing_ran:
-        status = 1
+    report, status, written = run_grid("ablate", specs, out, force=args.force, quiet=args.quiet)
+    if report is None:
+        return status
     # stdout last: a reader that goes away early (| head) costs nothing already on disk.
     print(format_ablation(tabulate(plan, report), markdown=args.markdown))
-    summary = ", ".join(f"{statuses.count(s)} {s}" for s in ("ok", "diverged", "unavailable", "error")
-                        if statuses.count(s))
-    where = f"; report written to {out}" if written else ""
-    print(f"\n{len(statuses)} runs ({summary}){where}")
+    print(summary_line(report, out, written))
     return status
