@@ -17,12 +17,12 @@ from ...formats import get_format, to_format
 from ...policy import Policy
 from ...spec import DEVICES, RunSpec
 from ...trajectory import Trajectory
-from ..step_rules import host_scalars, micro_batches
-from ..base import Availability, drive_chunks, record_schedule
+from ..step_rules import ScalerState, host_scalars, initial_scaler, micro_batches
+from ..base import Availability, ScalerLog, drive_chunks, record_schedule
 from ..numpy_backend import targets_for
 from ..numpy_backend.ops import convert as host_convert
 from .ops import check_policy
-from .loop import Carry, LoopSpec, chunk_inputs, compile_chunk, initial_carry, lower_chunk
+from .loop import Carry, LoopSpec, chunk_inputs, compile_chunk, initial_carry, lower_chunk, remedy_inputs
 from .update import structure
 
 __all__ = ["BACKEND", "JaxBackend", "needs_x64", "jax_device", "lower"]
@@ -73,7 +73,7 @@ class JaxBackend:
 
 class _Prepared(NamedTuple):
     loop: LoopSpec
-    data: tuple  # (X, T, scale, unscale) on the device
+    data: tuple  # (X, T, scale, unscale, remedy) on the device (remedy: loop.remedy_inputs, {} without remedies)
     inputs: dict  # chunk start -> StepInputs on the device
     carry: Carry
 
@@ -97,10 +97,12 @@ def _prepare(spec: RunSpec, dataset: Dataset, device: jax.Device) -> _Prepared:
     loop = LoopSpec(problem=spec.problem, layout=tuple(dataset.layout), optimizer=structure(opt), policy=pol,
                     chunk_steps=chunk_steps, x_shape=X.shape, t_shape=T.shape, batch=batch,
                     n_params=dataset.n_params, has_unscale=pol.loss_scale is not None, device=device,
-                    accum_steps=spec.accum_steps)
+                    accum_steps=spec.accum_steps,
+                    table_rows=0 if pol.dynamic_scale is None else int(table.shape[0]))
     inputs = {start: chunk_inputs(table, dataset.batches, start, stop, chunk_steps, device)
               for start, stop in zip(marks[:-1], marks[1:])}
-    return _Prepared(loop, jax.device_put((X, T, scale, unscale), device), inputs,
+    remedy = remedy_inputs(pol, spec.seed, table)
+    return _Prepared(loop, jax.device_put((X, T, scale, unscale, remedy), device), inputs,
                      initial_carry(dataset.init_params, pol, opt, device))
 
 
@@ -117,15 +119,27 @@ def _train(spec: RunSpec, dataset: Dataset, device: jax.Device) -> Trajectory:
     box = {"carry": prepared.carry}
     program, compile_s = compile_chunk(prepared.loop, spec.optimizer,
                                        (prepared.carry, prepared.inputs[0], *prepared.data))
+    # dynamic loss scaling: the scaler lives in the carry; the host's record of it is updated after each chunk
+    log = ScalerLog(initial_scaler(spec.policy)) if spec.policy.dynamic_scale is not None else None
 
     def run_chunk(start: int, stop: int) -> int | None:
-        carry = program.run(box["carry"], prepared.inputs[start], *prepared.data)  # old carry donated
-        box["carry"] = jax.block_until_ready(carry)
+        out = program.run(box["carry"], prepared.inputs[start], *prepared.data)  # old carry donated
+        carry, skipped = (out, None) if log is None else out
+        box["carry"] = carry = jax.block_until_ready(carry)
+        if log is not None:
+            log.state = ScalerState(np.float32(carry.scaler.scale), np.int32(carry.scaler.tracker))
+            flags = np.asarray(skipped)[:stop - start]  # padding steps are never flagged; cut them anyway
+            log.skipped.extend(int(s) for s in np.flatnonzero(flags) + start + 1)
         bad = int(carry.diverged_at)
         return bad or None
 
+    def stored() -> tuple:
+        carry = box["carry"]
+        return np.array(carry.weights), np.array(carry.params), [np.array(s) for s in carry.state]
+
     return drive_chunks(spec, run_chunk, snapshot=lambda: np.asarray(box["carry"].params).astype(np.float64),
-                        final_params=lambda: np.array(box["carry"].params), compile_s=compile_s)
+                        final_params=lambda: np.array(box["carry"].params), compile_s=compile_s, scaler=log,
+                        stored=stored, dataset=dataset)
 
 
 BACKEND = JaxBackend()
