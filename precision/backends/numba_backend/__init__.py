@@ -9,6 +9,8 @@ dtype for the matrix products); kernels are cached on disk (``cache=True``, with
 before the timed chunks start. Everything is single-threaded with fixed summation orders: results do not depend on
 the thread count. How it works, and what differs from numpy and why: docs/numba.md. Gradient accumulation
 (``accum_steps`` > 1) runs the ``run_*_accum`` loops, the micro-batch loop compiled inside them (:mod:`.loops`).
+The remedies (``step_rules.REMEDY_RULES``: stochastic rounding, Kahan updates, dynamic loss scaling) run in the same
+loops, compiled out for a policy without them (:func:`remedy_args`; docs/numba.md, "The remedies").
 """
 
 from __future__ import annotations
@@ -18,18 +20,20 @@ import time
 import numpy as np
 
 from ...data import Dataset
-from ...formats import Format, round_to
+from ...formats import Format, get_format, round_to, wider
+from ...optim import state_size
 from ...policy import Policy
 from ...spec import RunSpec
 from ...trajectory import Trajectory
-from ..base import Availability, drive_chunks
-from ..step_rules import host_scalars, micro_batches, moment_format
+from ..base import Availability, ScalerLog, drive_chunks
+from ..step_rules import ScalerState, host_scalars, initial_scaler, micro_batches, moment_format, sr_key
 from ..numpy_backend import targets_for
 from ._cache import drop_stale_caches
 from .loops import run_linear, run_linear_accum, run_mlp, run_mlp_accum, run_softmax, run_softmax_accum
 from .linalg import pair
 from .models import linear_width, make_work
 from .rounding import format_code, static_code
+from .stochastic import sr_code
 from .update import optimizer_flags
 
 __all__ = ["BACKEND", "NumbaBackend"]
@@ -74,6 +78,24 @@ def policy_codes(pol: Policy, problem: str) -> tuple:
     return tuple((static_code if native else format_code)(f) for f in formats)
 
 
+def remedy_args(pol: Policy, seed: int) -> tuple | None:
+    """``rem`` for the loops (:mod:`.loops`, ``step_rules.REMEDY_RULES``): None for a policy without remedies (the
+    loops then compile as before the remedies existed), else (flags, (growth, backoff), stochastic rounding codes
+    of W and S in the float64 carrier, generic format codes of C, U, W, S, P, the moment format and
+    wider(C, fp32)): the same numba type for every remedy policy, so they share one compilation per loop."""
+    ds = pol.dynamic_scale
+    if not (pol.stochastic or pol.kahan or ds is not None):
+        return None
+    sr_seed, sr_offset = sr_key(seed, pol.sr_stream)
+    flags = (int(pol.stochastic), int(pol.rounding == "sr-state"), int(pol.kahan), int(ds is not None),
+             int(bool(ds.skip)) if ds else 0, sr_seed, sr_offset, int(ds.interval) if ds else 1)
+    factors = (float(np.float32(ds.growth)), float(np.float32(ds.backoff))) if ds else (2.0, 0.5)
+    formats = (pol.compute, pol.update, pol.weights, pol.state, pol.params, moment_format(pol),
+               wider(pol.compute, _FP32))
+    return (flags, factors, sr_code(pol.weights, np.float64), sr_code(pol.state, np.float64),
+            tuple(format_code(f) for f in formats))
+
+
 class NumbaBackend:
     name = "numba"
 
@@ -112,7 +134,19 @@ class NumbaBackend:
         codes = policy_codes(pol, spec.problem)
         flags = optimizer_flags(spec.optimizer)
         work = make_work(spec.problem, batch, features, dataset.classes, accum64)
-        tail = (pc, g, work, accum64, scale, table, w, s0, s1, p, codes, flags, unscale)
+        # The remedies (step_rules.REMEDY_RULES): Kahan's compensation s2 (S, zeros), and the loop's state across
+        # chunks: ist = (applied updates, growth tracker), fst = (dynamic loss scale,), skipped[step] = 1 for a step
+        # that dynamic loss scaling skipped.
+        s2 = np.zeros_like(w) if pol.kahan else np.zeros(0)
+        rem = remedy_args(pol, spec.seed)
+        if rem is not None:
+            codes = rem[4][:6]  # generic, six codes: one loop specialisation serves every remedy policy
+        ist = np.zeros(2, dtype=np.int64)
+        fst = np.array([float(pol.dynamic_scale.init) if pol.dynamic_scale else 1.0])
+        skipped = np.zeros(spec.steps + 1, dtype=np.int64)
+        log = ScalerLog(initial_scaler(pol)) if pol.dynamic_scale else None
+        remedies = (s2, rem, ist, fst, skipped)
+        tail = (pc, g, work, accum64, scale, table, w, s0, s1, p, codes, flags, unscale) + remedies
         # Matrix-product operands live in the accumulator's dtype: the data once here, as (float32, float64) pairs.
         # linreg / logreg get a column of ones (and zero padding) appended: [X | 1 | 0].T delta is the weights' and
         # the bias's gradient in one product.
@@ -127,7 +161,7 @@ class NumbaBackend:
         Tb = np.zeros((batch,) + T.shape[1:])
         if len(parts) > 1:
             call = _accumulated_call(spec, dataset, parts, X_op, T, data.shape[1], features, accum64, pc, g,
-                                     (scale, table, w, s0, s1, p), (flags, unscale))
+                                     (scale, table, w, s0, s1, p), (flags, unscale) + remedies)
         elif linear:
             logistic = spec.problem == "logreg"
 
@@ -145,10 +179,17 @@ class NumbaBackend:
 
         def run_chunk(start: int, stop: int):
             bad = call(start, stop)
+            if log is not None:  # the scaler's state and the skipped steps back to the host (base.ScalerLog)
+                log.state = ScalerState(np.float32(fst[0]), np.int32(ist[1]))
+                log.skipped.extend(int(k) for k in np.flatnonzero(skipped[start + 1:stop + 1]) + start + 1)
             return int(bad) if bad else None
 
+        # the stored values for the step audit (precision.audit): the optimizer's state vectors, then Kahan's
+        # compensation, as step_rules.initial_values orders them
+        stored_state = [s0, s1][:state_size(spec.optimizer)] + ([s2] if pol.kahan else [])
         return drive_chunks(spec, run_chunk, snapshot=lambda: p.astype(np.float64),
-                            final_params=lambda: p.astype(pol.params.dtype), compile_s=compile_s)
+                            final_params=lambda: p.astype(pol.params.dtype), compile_s=compile_s, scaler=log,
+                            stored=lambda: (w, p, stored_state), dataset=dataset)
 
 
 def _accumulated_call(spec: RunSpec, dataset: Dataset, parts: tuple, X_op: tuple, T: np.ndarray, width: int,
@@ -169,7 +210,8 @@ def _accumulated_call(spec: RunSpec, dataset: Dataset, parts: tuple, X_op: tuple
     schedule = np.arange(T.shape[0], dtype=np.int64).reshape(1, -1) if full else dataset.batches
     gm, ga = np.zeros_like(g), np.zeros_like(g)
     ca = format_code(pol.accum)
-    codes = tuple(format_code(f) for f in update_formats(pol))
+    rem = after_codes[3]  # (flags, unscale, s2, rem, ...): a remedy policy's loop takes rem's six generic codes
+    codes = tuple(format_code(f) for f in update_formats(pol)) if rem is None else rem[4][:6]
     # generic codes, also for the pure fp32 linear models (policy_codes' static ones: bit-identical results, but
     # another ~8 s compiled loop)
     common = ((schedule, full, slots, Xbs, XbTs, Tbs, works, pc, gm, ga, g, accum64, ca) + before_codes + (codes,)
@@ -181,5 +223,6 @@ def _accumulated_call(spec: RunSpec, dataset: Dataset, parts: tuple, X_op: tuple
     return lambda start, stop: loop(start, stop, X_op, T, *common)
 
 
+_FP32 = get_format("fp32")
 drop_stale_caches(run_linear)
 BACKEND = NumbaBackend()

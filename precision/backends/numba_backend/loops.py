@@ -28,6 +28,11 @@ above, unchanged.
 moments in U (``Policy.stores_state_once``): the format a new moment is rounded to inside the update before the rest
 of it uses it (``step_rules.moment_format``; without the sixth code it is the state format). Policies without it run
 the loops compiled for five codes, as before ``u=`` existed; ``flags`` = :func:`.update.optimizer_flags`.
+
+The remedies (``step_rules.REMEDY_RULES``) come as ``s2`` (Kahan's compensation), ``rem`` (None without remedies:
+the ``rem is None`` branches are pruned at compile time), ``ist``, ``fst`` and ``skipped`` (the section "the
+remedies" below): :func:`apply_remedies` replaces :func:`apply_update`, and dynamic loss scaling scales the seed,
+checks the unscaled gradient and may skip the step (``_remedy_step``).
 """
 
 from __future__ import annotations
@@ -36,12 +41,20 @@ import numba
 import numpy as np
 from numba.extending import overload
 
+from ..step_rules import SR_WEIGHTS_TENSOR, sr_state_tensor
 from .models import grad_linear, grad_mlp, grad_softmax
 from .rounding import JIT, rnd
-from .update import OPT_ADAM, adam_element, row_scalars, sgd_element
+from .stochastic import stochastic_round64
+from .update import OPT_ADAM, adam_element, adam_split, row_scalars, sgd_element, sgd_split
 
-__all__ = ["run_linear", "run_softmax", "run_mlp", "apply_update", "run_linear_accum", "run_softmax_accum",
-           "run_mlp_accum"]
+__all__ = ["run_linear", "run_softmax", "run_mlp", "apply_update", "apply_remedies", "run_linear_accum",
+           "run_softmax_accum", "run_mlp_accum", "REMEDY_FLAGS"]
+
+# ``rem[0]``, the remedies' integer flags (``__init__.remedy_args`` builds them): positions, frozen into the code.
+REMEDY_FLAGS = ("sr_weights", "sr_state", "kahan", "dynamic", "skip", "sr_seed", "sr_offset", "interval")
+_R_SR_W, _R_SR_S, _R_KAHAN, _R_DYNAMIC, _R_SKIP, _R_SEED, _R_OFFSET, _R_INTERVAL = range(len(REMEDY_FLAGS))
+_T_W, _T_S0, _T_S1 = SR_WEIGHTS_TENSOR, sr_state_tensor(0), sr_state_tensor(1)
+_M32 = 0xFFFFFFFF
 
 
 def moment_code(codes):
@@ -103,6 +116,113 @@ def apply_update(step, row, g, w, s0, s1, p, codes, flags, unscale):
     return nonfinite == 0
 
 
+# -- the remedies (step_rules.REMEDY_RULES) ---------------------------------------------------------------------------
+# ``rem`` = (flags, (growth, backoff), sr code of W, sr code of S, generic codes (C, U, W, S, P, moment, seed's
+# wide format)), the same numba type for every policy with a remedy, or None for a policy without (then numba
+# prunes the loops' ``rem is None`` branches at compile time: they compile as before the remedies). So the remedies
+# add one specialisation per loop, compiled only when a remedy policy runs; the host passes such a policy's
+# ``codes`` as the six generic codes of ``rem`` (one type for every remedy policy). ``ist`` (int64: applied
+# updates, growth tracker) and ``fst`` (float64: the dynamic loss scale, a float32 value) are the loop's state
+# across chunks; ``skipped[step]`` is set to 1 for a step skipped by dynamic loss scaling.
+
+@numba.njit(**JIT)
+def apply_remedies(step, t, row, g, w, s0, s1, s2, p, flags, unscale, rem):
+    """:func:`apply_update` with the remedies of ``rem`` (``r=sr``, ``r=sr-state``, ``r=kahan``;
+    ``step_rules.apply_step``): ``t`` is the optimizer's step (applied updates, 1-based), ``step`` the loop's (the
+    stochastic rounding counter). ``s2``: Kahan's compensation (S values). Without ``r=`` flags it makes
+    :func:`apply_update`'s operations (dynamic loss scaling alone). Not inlined: one compilation serves every
+    loop."""
+    iflags, codes = rem[0], rem[4]
+    cu, cw, cs, cp, cm = codes[1], codes[2], codes[3], codes[4], codes[5]
+    code_w, code_s = rem[2], rem[3]
+    kind, decoupled, l2, momentum, nesterov = flags
+    sr_w, sr_s, kahan = iflags[_R_SR_W], iflags[_R_SR_S], iflags[_R_KAHAN]
+    seed, offset, counter = iflags[_R_SEED], iflags[_R_OFFSET], step & _M32
+    scalars = row_scalars(row)
+    first = t == 1
+    nonfinite = 0
+    for j in range(w.size):
+        gj = rnd(rnd(g[j], cu) * unscale, cu)
+        if kind == OPT_ADAM:
+            base, term, mj, vj = adam_split(rnd(w[j], cu), gj, rnd(s0[j], cu), rnd(s1[j], cu), scalars, decoupled,
+                                            l2, cu, cm)
+            if sr_s:
+                s0[j] = stochastic_round64(mj, code_s, seed, counter, offset + _T_S0, j)
+                s1[j] = stochastic_round64(vj, code_s, seed, counter, offset + _T_S1, j)
+            else:
+                s0[j] = rnd(mj, cs)
+                s1[j] = rnd(vj, cs)
+        else:
+            base, term, buf = sgd_split(rnd(w[j], cu), gj, rnd(s0[j], cu), scalars, first, l2, momentum, nesterov,
+                                        cu, cm)
+            if sr_s and momentum:
+                s0[j] = stochastic_round64(buf, code_s, seed, counter, offset + _T_S0, j)
+            else:
+                s0[j] = rnd(buf, cs)
+        if kahan:  # step_rules.kahan_store, every op in U: t = delta + c, y = base + t, c = t - (w - base)
+            tj = rnd(-term + rnd(s2[j], cu), cu)
+            wj = rnd(rnd(base + tj, cu), cw)
+            s2[j] = rnd(rnd(tj - rnd(rnd(wj, cu) - base, cu), cu), cs)
+        elif sr_w:
+            wj = stochastic_round64(rnd(base - term, cu), code_w, seed, counter, offset + _T_W, j)
+        else:
+            wj = rnd(rnd(base - term, cu), cw)
+        pj = rnd(wj, cp)
+        w[j] = wj
+        p[j] = pj
+        nonfinite += (0 if np.isfinite(wj) else 1) + (0 if np.isfinite(pj) else 1)
+    return nonfinite == 0
+
+
+@numba.njit(**JIT)
+def unscale_checked(g, cu, scale):
+    """Dynamic loss scaling's unscale, in place: g = rnd(rnd(g, U) * rnd(1/scale, U), U), the reciprocal computed
+    in float32 (``step_rules.dynamic_unscale``); returns whether the whole unscaled gradient is finite."""
+    unscale = rnd(np.float64(np.float32(1.0 / scale)), cu)
+    nonfinite = 0
+    for j in range(g.size):
+        gj = rnd(rnd(g[j], cu) * unscale, cu)
+        g[j] = gj
+        nonfinite += 0 if np.isfinite(gj) else 1
+    return nonfinite == 0
+
+
+@numba.njit(inline="always", **JIT)
+def _dynamic_seed(scale, rem, fst):
+    """The step's seed scale with remedies: ``scale`` (round(1 / B, C)), or under dynamic loss scaling
+    ``step_rules.dynamic_seed``: round(scale * ls, C), the product (exact in float64) rounded to wider(C, fp32)."""
+    if rem[0][_R_DYNAMIC]:
+        return rnd(rnd(scale * fst[0], rem[4][6]), rem[4][0])
+    return scale
+
+
+@numba.njit(inline="always", **JIT)
+def _remedy_step(step, table, g, w, s0, s1, s2, p, flags, unscale, rem, ist, fst, skipped):
+    """Links 3-10 of the step after the gradient ``g`` (C values) for a policy with remedies; returns the
+    divergence rule's verdict (True for a skipped step). Dynamic loss scaling checks the whole unscaled gradient
+    before any element is updated, updates the scale (``step_rules.scaler_update``, float32) and skips the step on
+    a non-finite gradient (with skip=yes); the update (:func:`apply_remedies`) takes the scalar row and the step of
+    the applied-update count ``ist[0]``."""
+    iflags = rem[0]
+    if iflags[_R_DYNAMIC]:
+        finite = unscale_checked(g, rem[4][1], fst[0])
+        scale, successful = fst[0], ist[1] + 1
+        grown = np.float64(np.float32(scale * rem[1][0]))
+        at_interval = successful >= iflags[_R_INTERVAL]
+        if not finite:
+            fst[0] = np.float64(np.float32(scale * rem[1][1]))
+        elif at_interval and np.isfinite(grown):
+            fst[0] = grown
+        ist[1] = 0 if (not finite or at_interval) else successful
+        if not finite and iflags[_R_SKIP]:
+            skipped[step] = 1
+            return True
+        unscale = 1.0  # g holds the unscaled gradient in U: rnd(g, U) * 1 is exact
+    applied = ist[0]
+    ist[0] = applied + 1
+    return apply_remedies(step, applied + 1, table[applied], g, w, s0, s1, s2, p, flags, unscale, rem)
+
+
 @numba.njit(**JIT)
 def _gather(X, rows, Xb, XbT, accum64):
     """The batch's rows of the data pair X into the active members of Xb (all columns) and XbT (its first d
@@ -123,7 +243,7 @@ def _gather(X, rows, Xb, XbT, accum64):
 
 @numba.njit(**JIT)
 def run_linear(start, stop, logistic, X, XT, T, batches, Xb, XbT, Tb, pc, g, work, accum64, scale, table, w, s0,
-               s1, p, codes, flags, unscale):
+               s1, p, codes, flags, unscale, s2, rem, ist, fst, skipped):
     """Steps start+1 .. stop of linreg / logreg. X (the data with a column of ones), XT (the data transposed), Xb,
     XbT are (float32, float64) pairs; ``batches`` (steps, B) row indices, or shape (0, 0) for full batch (then X,
     XT, T are used directly)."""
@@ -138,8 +258,14 @@ def run_linear(start, stop, logistic, X, XT, T, batches, Xb, XbT, Tb, pc, g, wor
                 Tb[i] = T[rows[i]]
             xb, xbt, tb = Xb, XbT, Tb
         _to_compute(p, pc, codes[0])
-        grad_linear(logistic, pc, xb, xbt, tb, scale, codes[0], accum64, work, g)
-        if not apply_update(step, table[step - 1], g, w, s0, s1, p, codes, flags, unscale):
+        seed = scale
+        if rem is not None:  # pruned at compile time: rem is None for a policy without remedies
+            seed = _dynamic_seed(scale, rem, fst)
+        grad_linear(logistic, pc, xb, xbt, tb, seed, codes[0], accum64, work, g)
+        if rem is None:
+            if not apply_update(step, table[step - 1], g, w, s0, s1, p, codes, flags, unscale):
+                return step
+        elif not _remedy_step(step, table, g, w, s0, s1, s2, p, flags, unscale, rem, ist, fst, skipped):
             return step
     return 0
 
@@ -158,26 +284,38 @@ def _classifier_batch(step, X, XT, T, batches, Xb, XbT, Tb, accum64):
 
 @numba.njit(**JIT)
 def run_softmax(start, stop, X, XT, T, batches, Xb, XbT, Tb, pc, g, work, accum64, scale, table, w, s0, s1, p,
-                codes, flags, unscale):
+                codes, flags, unscale, s2, rem, ist, fst, skipped):
     """Steps start+1 .. stop of softmax regression (T: one-hot rows)."""
     for step in range(start + 1, stop + 1):
         xb, xbt, tb = _classifier_batch(step, X, XT, T, batches, Xb, XbT, Tb, accum64)
         _to_compute(p, pc, codes[0])
-        grad_softmax(pc, xb, xbt, tb, scale, codes[0], accum64, work, g)
-        if not apply_update(step, table[step - 1], g, w, s0, s1, p, codes, flags, unscale):
+        seed = scale
+        if rem is not None:  # pruned at compile time: rem is None for a policy without remedies
+            seed = _dynamic_seed(scale, rem, fst)
+        grad_softmax(pc, xb, xbt, tb, seed, codes[0], accum64, work, g)
+        if rem is None:
+            if not apply_update(step, table[step - 1], g, w, s0, s1, p, codes, flags, unscale):
+                return step
+        elif not _remedy_step(step, table, g, w, s0, s1, s2, p, flags, unscale, rem, ist, fst, skipped):
             return step
     return 0
 
 
 @numba.njit(**JIT)
 def run_mlp(start, stop, X, XT, T, batches, Xb, XbT, Tb, pc, g, work, accum64, scale, table, w, s0, s1, p, codes,
-            flags, unscale):
+            flags, unscale, s2, rem, ist, fst, skipped):
     """Steps start+1 .. stop of the one-hidden-layer MLP (T: one-hot rows)."""
     for step in range(start + 1, stop + 1):
         xb, xbt, tb = _classifier_batch(step, X, XT, T, batches, Xb, XbT, Tb, accum64)
         _to_compute(p, pc, codes[0])
-        grad_mlp(pc, xb, xbt, tb, scale, codes[0], accum64, work, g)
-        if not apply_update(step, table[step - 1], g, w, s0, s1, p, codes, flags, unscale):
+        seed = scale
+        if rem is not None:  # pruned at compile time: rem is None for a policy without remedies
+            seed = _dynamic_seed(scale, rem, fst)
+        grad_mlp(pc, xb, xbt, tb, seed, codes[0], accum64, work, g)
+        if rem is None:
+            if not apply_update(step, table[step - 1], g, w, s0, s1, p, codes, flags, unscale):
+                return step
+        elif not _remedy_step(step, table, g, w, s0, s1, s2, p, flags, unscale, rem, ist, fst, skipped):
             return step
     return 0
 
@@ -205,13 +343,16 @@ def _round_sum(ga, g, cc):
 
 @numba.njit(**JIT)
 def run_linear_accum(start, stop, logistic, X, T, schedule, full, parts, Xbs, XbTs, Tbs, works, pc, gm, ga, g,
-                     accum64, ca, scale, table, w, s0, s1, p, codes, flags, unscale):
+                     accum64, ca, scale, table, w, s0, s1, p, codes, flags, unscale, s2, rem, ist, fst, skipped):
     """Steps start+1 .. stop of linreg / logreg with K = parts.shape[0] micro-batches per step. ``schedule``: the
     steps' rows (steps, B), or (1, n) with ``full`` (the full batch, row i at position i); ``parts`` (K, 3):
     start, stop within the step's rows and the scratch slot (0 or 1) of each micro-batch."""
     for step in range(start + 1, stop + 1):
         batch_rows = schedule[0] if full else schedule[step - 1]
         _to_compute(p, pc, codes[0])
+        seed = scale
+        if rem is not None:  # pruned at compile time: rem is None for a policy without remedies
+            seed = _dynamic_seed(scale, rem, fst)
         for k in range(parts.shape[0]):
             slot = parts[k, 2]
             rows = batch_rows[parts[k, 0]:parts[k, 1]]
@@ -219,10 +360,13 @@ def run_linear_accum(start, stop, logistic, X, T, schedule, full, parts, Xbs, Xb
             _gather(X, rows, Xb, XbT, accum64)
             for i in range(rows.size):
                 Tb[i] = T[rows[i]]
-            grad_linear(logistic, pc, Xb, XbT, Tb, scale, codes[0], accum64, works[slot], gm)
+            grad_linear(logistic, pc, Xb, XbT, Tb, seed, codes[0], accum64, works[slot], gm)
             _accumulate(k, gm, ga, ca)
         _round_sum(ga, g, codes[0])
-        if not apply_update(step, table[step - 1], g, w, s0, s1, p, codes, flags, unscale):
+        if rem is None:
+            if not apply_update(step, table[step - 1], g, w, s0, s1, p, codes, flags, unscale):
+                return step
+        elif not _remedy_step(step, table, g, w, s0, s1, s2, p, flags, unscale, rem, ist, fst, skipped):
             return step
     return 0
 
@@ -237,37 +381,49 @@ def _classifier_micro_batch(X, T, rows, Xb, XbT, Tb, accum64):
 
 @numba.njit(**JIT)
 def run_softmax_accum(start, stop, X, T, schedule, full, parts, Xbs, XbTs, Tbs, works, pc, gm, ga, g, accum64, ca,
-                      scale, table, w, s0, s1, p, codes, flags, unscale):
+                      scale, table, w, s0, s1, p, codes, flags, unscale, s2, rem, ist, fst, skipped):
     """Steps start+1 .. stop of softmax regression with micro-batches (see :func:`run_linear_accum`)."""
     for step in range(start + 1, stop + 1):
         batch_rows = schedule[0] if full else schedule[step - 1]
         _to_compute(p, pc, codes[0])
+        seed = scale
+        if rem is not None:  # pruned at compile time: rem is None for a policy without remedies
+            seed = _dynamic_seed(scale, rem, fst)
         for k in range(parts.shape[0]):
             slot = parts[k, 2]
             Xb, XbT, Tb = Xbs[slot], XbTs[slot], Tbs[slot]
             _classifier_micro_batch(X, T, batch_rows[parts[k, 0]:parts[k, 1]], Xb, XbT, Tb, accum64)
-            grad_softmax(pc, Xb, XbT, Tb, scale, codes[0], accum64, works[slot], gm)
+            grad_softmax(pc, Xb, XbT, Tb, seed, codes[0], accum64, works[slot], gm)
             _accumulate(k, gm, ga, ca)
         _round_sum(ga, g, codes[0])
-        if not apply_update(step, table[step - 1], g, w, s0, s1, p, codes, flags, unscale):
+        if rem is None:
+            if not apply_update(step, table[step - 1], g, w, s0, s1, p, codes, flags, unscale):
+                return step
+        elif not _remedy_step(step, table, g, w, s0, s1, s2, p, flags, unscale, rem, ist, fst, skipped):
             return step
     return 0
 
 
 @numba.njit(**JIT)
 def run_mlp_accum(start, stop, X, T, schedule, full, parts, Xbs, XbTs, Tbs, works, pc, gm, ga, g, accum64, ca,
-                  scale, table, w, s0, s1, p, codes, flags, unscale):
+                  scale, table, w, s0, s1, p, codes, flags, unscale, s2, rem, ist, fst, skipped):
     """Steps start+1 .. stop of the MLP with micro-batches (see :func:`run_linear_accum`)."""
     for step in range(start + 1, stop + 1):
         batch_rows = schedule[0] if full else schedule[step - 1]
         _to_compute(p, pc, codes[0])
+        seed = scale
+        if rem is not None:  # pruned at compile time: rem is None for a policy without remedies
+            seed = _dynamic_seed(scale, rem, fst)
         for k in range(parts.shape[0]):
             slot = parts[k, 2]
             Xb, XbT, Tb = Xbs[slot], XbTs[slot], Tbs[slot]
             _classifier_micro_batch(X, T, batch_rows[parts[k, 0]:parts[k, 1]], Xb, XbT, Tb, accum64)
-            grad_mlp(pc, Xb, XbT, Tb, scale, codes[0], accum64, works[slot], gm)
+            grad_mlp(pc, Xb, XbT, Tb, seed, codes[0], accum64, works[slot], gm)
             _accumulate(k, gm, ga, ca)
         _round_sum(ga, g, codes[0])
-        if not apply_update(step, table[step - 1], g, w, s0, s1, p, codes, flags, unscale):
+        if rem is None:
+            if not apply_update(step, table[step - 1], g, w, s0, s1, p, codes, flags, unscale):
+                return step
+        elif not _remedy_step(step, table, g, w, s0, s1, s2, p, flags, unscale, rem, ist, fst, skipped):
             return step
     return 0

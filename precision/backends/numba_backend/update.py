@@ -19,7 +19,8 @@ import numpy as np
 from ...optim import SCALAR_COLUMNS, OptimizerSpec
 from .rounding import JIT, rnd, store
 
-__all__ = ["OPT_SGD", "OPT_ADAM", "optimizer_flags", "adam_element", "sgd_element", "COL", "row_scalars"]
+__all__ = ["OPT_SGD", "OPT_ADAM", "optimizer_flags", "adam_element", "sgd_element", "adam_split", "sgd_split", "COL",
+           "row_scalars"]
 
 COL = {name: i for i, name in enumerate(SCALAR_COLUMNS)}
 OPT_SGD, OPT_ADAM = 0, 1
@@ -50,6 +51,15 @@ def optimizer_flags(opt: OptimizerSpec) -> tuple[int, int, int, int, int]:
 def adam_element(w, g, m, v, row, decoupled, l2, cu, cs):
     """One Adam / AdamW step of one element; w, g, m, v already in the update format. Returns (w, m, v) with
     m and v as rounded to ``cs`` (and read back), w in the update format."""
+    base, term, m, v = adam_split(w, g, m, v, row, decoupled, l2, cu, cs)
+    return rnd(base - term, cu), m, v
+
+
+@numba.njit(inline="always", **JIT)
+def adam_split(w, g, m, v, row, decoupled, l2, cu, cs):
+    """:func:`adam_element` with its last operation left out: (base, term, m, v), new w = rnd(base - term, cu).
+    ``base`` is w after AdamW's decay and ``term`` the step (``array_math.update``'s split form: delta = -term,
+    exact), for Kahan-compensated updates (``step_rules.KAHAN_CHAIN``)."""
     if decoupled:
         w = rnd(w * row[_DECAY], cu)  # decay = 1 - lr * wd, one host scalar (torch: p.mul_(1 - lr * wd))
     elif l2:
@@ -57,13 +67,20 @@ def adam_element(w, g, m, v, row, decoupled, l2, cu, cs):
     m = store(rnd(rnd(row[_B1] * m, cu) + rnd(row[_OMB1] * g, cu), cu), cs, cu)
     v = store(rnd(rnd(row[_B2] * v, cu) + rnd(row[_OMB2] * rnd(g * g, cu), cu), cu), cs, cu)
     denom = rnd(rnd(rnd(np.sqrt(v), cu) / row[_SQRT_BC2], cu) + row[_EPS], cu)
-    w = rnd(w - rnd(rnd(row[_STEP_SIZE] * m, cu) / denom, cu), cu)
-    return w, m, v
+    return w, rnd(rnd(row[_STEP_SIZE] * m, cu) / denom, cu), m, v
 
 
 @numba.njit(inline="always", **JIT)
 def sgd_element(w, g, buf, row, first_step, l2, momentum, nesterov, cu, cs):
     """One SGD step of one element (torch semantics: buf = g at step 1). Returns (w, buf)."""
+    base, term, buf = sgd_split(w, g, buf, row, first_step, l2, momentum, nesterov, cu, cs)
+    return rnd(base - term, cu), buf
+
+
+@numba.njit(inline="always", **JIT)
+def sgd_split(w, g, buf, row, first_step, l2, momentum, nesterov, cu, cs):
+    """:func:`sgd_element` with its last operation left out: (base, term, buf), new w = rnd(base - term, cu)
+    (base: w itself; see :func:`adam_split`)."""
     if l2:
         g = rnd(g + rnd(row[_WD] * w, cu), cu)
     direction = g
@@ -71,5 +88,4 @@ def sgd_element(w, g, buf, row, first_step, l2, momentum, nesterov, cu, cs):
         buf = g if first_step else rnd(rnd(row[_MU] * buf, cu) + g, cu)
         buf = store(buf, cs, cu)
         direction = rnd(g + rnd(row[_MU] * buf, cu), cu) if nesterov else buf
-    w = rnd(w - rnd(row[_LR] * direction, cu), cu)
-    return w, buf
+    return w, rnd(row[_LR] * direction, cu), buf
