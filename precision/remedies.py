@@ -163,9 +163,13 @@ def plot_remedies(rows: list[RemedyRow], out_prefix, colors: dict[str, str] | No
 
     Figure, FigureCanvasAgg = _matplotlib()
     cases = list(dict.fromkeys(r.case for r in rows))
-    fig = Figure(figsize=(5.2 * len(cases), 4.4), layout="constrained")
+    ncols = min(3, len(cases))  # at most three panels a row: one row per case group stays readable
+    nrows = -(-len(cases) // ncols)
+    fig = Figure(figsize=(5.2 * ncols, 4.2 * nrows), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(cases), squeeze=False)[0]
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax in axes[len(cases):]:
+        ax.set_visible(False)
     for ax, case in zip(axes, cases):
         for r in (r for r in rows if r.case == case):
             if r.recovered is None or r.time_ratio is None:
@@ -182,4 +186,5 @@ def plot_remedies(rows: list[RemedyRow], out_prefix, colors: dict[str, str] | No
         ax.set_ylabel("bits of agreement recovered over the baseline")
         ax.grid(alpha=0.3)
     prefix = Path(out_prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
     return [_save_atomic(fig, prefix.with_name(prefix.name + f"-remedies{suffix}")) for suffix in SUFFIXES]
