@@ -6,7 +6,33 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-__all__ = ["Progress", "say", "run_grid", "summary_line"]
+__all__ = ["Progress", "say", "run_grid", "summary_line", "add_case_options", "add_run_options", "add_output_options"]
+
+
+def add_case_options(p) -> None:
+    """--problem, --data, --optimizer, --backend: the cases of a grid command (comma-separated lists)."""
+    p.add_argument("--problem", help="linreg, logreg, softmax, mlp (comma-separated)")
+    p.add_argument("--data", help="synthetic, breast_cancer, digits, diabetes, or a data file PATH.npz / "
+                   "PATH.csv:COLUMN (comma-separated)")
+    p.add_argument("--optimizer", default="adam", help="sgd, adam, adamw (comma-separated; default adam)")
+    p.add_argument("--backend", default="numpy", help="numpy, numba, jax (comma-separated; default numpy)")
+
+
+def add_run_options(p) -> None:
+    """--steps, --seed, --batch-size, --lr, --record-every, --out: how each run of a grid command trains."""
+    p.add_argument("--steps", default="200", help="training steps (default 200)")
+    p.add_argument("--seed", default="0", help="data/init seed (default 0)")
+    p.add_argument("--batch-size", default="128", help="minibatch size, or 'full' (default 128)")
+    p.add_argument("--lr", help="learning rate (default: the optimizer's own)")
+    p.add_argument("--record-every", default="20", help="record params every N steps (default 20)")
+    p.add_argument("--out", help="also save the runs as a precision report (JSON, written atomically)")
+
+
+def add_output_options(p) -> None:
+    """--markdown, --force, --quiet."""
+    p.add_argument("--markdown", action="store_true", help="print GitHub markdown tables")
+    p.add_argument("--force", action="store_true", help="run a grid over the size limits anyway")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
 
 
 class Progress:

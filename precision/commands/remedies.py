@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ._grid import add_case_options, add_output_options, add_run_options
 from ._options import batch_size as parse_batch_size
 from ._options import positive_int
 from .ablate import EXIT_CODES, _items, _lr, _seed
@@ -33,21 +34,11 @@ def add_parser(sub):
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--policies", help="comma-separated presets or quoted policy strings separated by ';' "
                    "(default: the remedies above; the first is the baseline)")
-    p.add_argument("--problem", help="linreg, logreg, softmax, mlp (comma-separated)")
-    p.add_argument("--data", help="synthetic, breast_cancer, digits, diabetes (comma-separated)")
-    p.add_argument("--optimizer", default="adam", help="sgd, adam, adamw (comma-separated; default adam)")
-    p.add_argument("--backend", default="numpy", help="numpy, numba, jax (comma-separated; default numpy)")
-    p.add_argument("--steps", default="200", help="training steps (default 200)")
-    p.add_argument("--seed", default="0", help="data/init seed (default 0)")
-    p.add_argument("--batch-size", default="128", help="minibatch size, or 'full' (default 128)")
-    p.add_argument("--lr", help="learning rate (default: the optimizer's own)")
-    p.add_argument("--record-every", default="20", help="record params every N steps (default 20)")
-    p.add_argument("--out", help="also save the runs as a precision report (JSON, written atomically)")
+    add_case_options(p)
+    add_run_options(p)
     p.add_argument("--plot", metavar="PREFIX", help="also draw PREFIX-remedies.png/.svg: bits recovered against "
                    "time per step relative to the baseline (needs matplotlib)")
-    p.add_argument("--markdown", action="store_true", help="print GitHub markdown tables")
-    p.add_argument("--force", action="store_true", help="run a grid over the size limits anyway")
-    p.add_argument("--quiet", action="store_true", help="no progress display")
+    add_output_options(p)
     p.set_defaults(handler=main)
 
 
