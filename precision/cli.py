@@ -14,7 +14,7 @@ from .errors import PrecisionError
 
 __all__ = ["main", "COMMANDS"]
 
-COMMANDS = ("run", "list", "show", "compare", "plot", "ablate", "remedies")
+COMMANDS = ("run", "sweep", "list", "show", "compare", "plot", "ablate", "remedies")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -43,9 +43,9 @@ PRECISION = [argv for argv in ALL if argv[0] == "precision"]
 
 
 def scaled(argv: list[str]) -> list[str]:
-    """``precision run``, ``precision ablate`` and ``precision remedies`` with --steps STEPS --record-every 3 and no
-    progress line; other commands unchanged."""
-    if argv[1] not in ("run", "ablate", "remedies"):
+    """``precision run``, ``precision sweep``, ``precision ablate`` and ``precision remedies`` with --steps STEPS
+    --record-every 3 and no progress line; other commands unchanged."""
+    if argv[1] not in ("run", "sweep", "ablate", "remedies"):
         return argv
     out, skip = [], False
     for arg in argv:

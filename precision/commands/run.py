@@ -81,24 +81,7 @@ def add_parser(sub):
     p = sub.add_parser("run", help="train a matrix of configurations and report drift and runtime",
                        description=DESCRIPTION, epilog=EXIT_CODES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--problem", help="linreg, logreg, softmax, mlp (comma-separated)")
-    p.add_argument("--data", help="synthetic (default), breast_cancer, digits, diabetes")
-    p.add_argument("--optimizer", help="sgd, adam, adamw")
-    p.add_argument("--policy", help="presets (fp64, fp32, fp16, bf16, fp16-mixed, bf16-mixed, ...) or strings "
-                   "like 'p=bf16,c=bf16,a=fp32,s=fp32,m=fp32'; separate several with ';' or ','-free presets")
-    p.add_argument("--backend", help="numpy, numba, jax (default: every available one; a backend named here "
-                   "that cannot run is an error)")
-    p.add_argument("--device", help="cpu (default), gpu")
-    p.add_argument("--steps", default=str(DEFAULT_STEPS), help=f"training steps (default {DEFAULT_STEPS})")
-    p.add_argument("--seed", default="0", help=f"data/init seed(s), integers in 0..{MAX_SEED} (default 0)")
-    p.add_argument("--batch-size", default="128", help="minibatch size (at most the data set's training rows), "
-                   "or 'full' (default 128)")
-    p.add_argument("--lr", help="learning rate (default: the optimizer's own)")
-    p.add_argument("--accum-steps", default="1", metavar="K",
-                   help="gradient accumulation: each step's batch as K micro-batches whose gradients are summed in "
-                        "the accumulator format (comma-separated for several; default 1: none); a run with K > 1 "
-                        "also reports how far it lands from the same run in one batch")
-    p.add_argument("--record-every", default="20", help="record params every N steps (default 20)")
+    add_matrix_options(p)
     p.add_argument("--out", default=DEFAULT_OUT, help=f"report JSON path (default {DEFAULT_OUT})")
     p.add_argument("--save-params", metavar="DIR", help="write each run's params trajectory as DIR/<id>.npz")
     p.add_argument("--plot", action="store_true", help="also write drift and runtime plots next to the report")
@@ -119,6 +102,29 @@ def add_parser(sub):
                    help="also check whether each trained model's test logits depend on the batch they are served "
                         "in (batch sizes 1, 3, 32, 128, all; positions in a batch of 32)")
     p.set_defaults(handler=main)
+
+
+def add_matrix_options(p) -> None:
+    """The options that make the grid (read by :func:`specs_from_args`): ``precision run`` and
+    ``precision sweep`` share them."""
+    p.add_argument("--problem", help="linreg, logreg, softmax, mlp (comma-separated)")
+    p.add_argument("--data", help="synthetic (default), breast_cancer, digits, diabetes")
+    p.add_argument("--optimizer", help="sgd, adam, adamw")
+    p.add_argument("--policy", help="presets (fp64, fp32, fp16, bf16, fp16-mixed, bf16-mixed, ...) or strings "
+                   "like 'p=bf16,c=bf16,a=fp32,s=fp32,m=fp32'; separate several with ';' or ','-free presets")
+    p.add_argument("--backend", help="numpy, numba, jax (default: every available one; a backend named here "
+                   "that cannot run is an error)")
+    p.add_argument("--device", help="cpu (default), gpu")
+    p.add_argument("--steps", default=str(DEFAULT_STEPS), help=f"training steps (default {DEFAULT_STEPS})")
+    p.add_argument("--seed", default="0", help=f"data/init seed(s), integers in 0..{MAX_SEED} (default 0)")
+    p.add_argument("--batch-size", default="128", help="minibatch size (at most the data set's training rows), "
+                   "or 'full' (default 128)")
+    p.add_argument("--lr", help="learning rate (default: the optimizer's own)")
+    p.add_argument("--accum-steps", default="1", metavar="K",
+                   help="gradient accumulation: each step's batch as K micro-batches whose gradients are summed in "
+                        "the accumulator format (comma-separated for several; default 1: none); a run with K > 1 "
+                        "also reports how far it lands from the same run in one batch")
+    p.add_argument("--record-every", default="20", help="record params every N steps (default 20)")
 
 
 def split_policies(text: str) -> list[str]:
