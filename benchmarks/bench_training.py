@@ -11,7 +11,8 @@ paid by ``warm_up`` in setup, before the clock, and tracked separately by ``Comp
 
 from __future__ import annotations
 
-from precision.benchcases import frozen_dataset
+from precision.benchcases import CASE_PROBLEMS, frozen_dataset
+from precision.peers import LOOP_PEERS, loop_peer, loop_peer_skip_reason
 from precision.runner import train
 
 from .common import PARAM_NAMES, PARAMS, case_or_skip, seconds_per_step, warm_up
@@ -47,3 +48,31 @@ class Compile:
 
     def track_compile_s(self, problem, optimizer, policy, backend):
         return train(self.spec, self.dataset).compile_s
+
+
+class PeerTrainStep:
+    """What a user would run instead, on the same fp32 Adam cases (the data, initial params and CASE_STEPS-step
+    batch schedule of ``TrainStep``'s ``(problem, 'adam', 'fp32', *)`` cases): ``torch`` (autograd + fused Adam,
+    one thread) and ``optax`` (value_and_grad + optax.adam, the whole call one jitted ``lax.scan``), from
+    :mod:`precision.peers`. Seconds per step, as ``TrainStep``; skipped (n/a) when the peer is not importable.
+    A peer call does the training only: no record-step snapshots, no casts to a policy's formats."""
+
+    params = [list(CASE_PROBLEMS), list(LOOP_PEERS)]
+    param_names = ["problem", "peer"]
+    timer = staticmethod(seconds_per_step)
+    timeout = 300
+
+    def setup(self, problem, peer):
+        reason = loop_peer_skip_reason(peer)
+        if reason is not None:
+            raise NotImplementedError(reason)
+        key = (problem, peer)
+        if key not in _PEERS:
+            _PEERS[key] = loop_peer(peer, problem)[0]  # built and warmed once per process
+        self.run = _PEERS[key]
+
+    def time_train_step(self, problem, peer):
+        self.run()
+
+
+_PEERS: dict = {}

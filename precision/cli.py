@@ -14,7 +14,7 @@ from .errors import PrecisionError
 
 __all__ = ["main", "COMMANDS"]
 
-COMMANDS = ("run", "sweep", "list", "show", "compare", "plot", "ablate", "remedies")
+COMMANDS = ("run", "sweep", "list", "show", "compare", "plot", "ablate", "remedies", "bench")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -34,9 +34,11 @@ import time
 import numpy as np
 import pytest
 
-from precision.benchcases import CASE_STEPS, BenchCase, cases, drift_regressions, frozen_dataset, skip_reason
+from precision.benchcases import (CASE_PROBLEMS, CASE_STEPS, BenchCase, cases, drift_regressions, frozen_dataset,
+                                  get_case, skip_reason)
 from precision.drift import MAX_BITS, bits_of_agreement, compare, fingerprint, rel_l2
 from precision.formats import round_to
+from precision.peers import LOOP_PEERS, loop_peer, loop_peer_skip_reason
 from precision.runner import train
 
 pytestmark = pytest.mark.bench
@@ -103,9 +105,10 @@ def test_train(benchmark, case, trained, saved_extra_info):
         "bits_lost": MAX_BITS - drift.bits_of_agreement, "rel_l2": drift.rel_l2, "flip_rate": drift.flip_rate,
         "fingerprint": fingerprints[-1], "compile_s": trajectory.compile_s,
         "precision_time_per_step_s": trajectory.time_per_step_s,
-        "median_s_per_step": benchmark.stats.stats.median,  # the timer already divides by the steps
-        "median_s_per_call": benchmark.stats.stats.median * spec.steps,
     }
+    if benchmark.stats is not None:  # None under --benchmark-disable (one untimed call; the assertions still run)
+        extra["median_s_per_step"] = benchmark.stats.stats.median  # the timer already divides by the steps
+        extra["median_s_per_call"] = benchmark.stats.stats.median * spec.steps
     if case.backend != "numpy":
         numpy_final = trained(case.numpy_counterpart().spec()).params[-1]
         extra["cross_backend_rel_l2"] = rel_l2(trajectory.params[-1], numpy_final)
@@ -120,3 +123,22 @@ def test_train(benchmark, case, trained, saved_extra_info):
     worse = drift_regressions(extra, saved_extra_info)
     assert not worse, f"{case.label}: drift regressed against the saved run: " + "; ".join(worse)
 
+
+
+@pytest.mark.benchmark(group=GROUP, timer=seconds_per_step)
+@pytest.mark.parametrize("problem,peer", [(p, q) for p in CASE_PROBLEMS for q in LOOP_PEERS],
+                         ids=[f"peer-{q}-{p}" for p in CASE_PROBLEMS for q in LOOP_PEERS])
+def test_peer_train(benchmark, problem, peer, trained):
+    """A peer's whole training step (torch autograd + fused Adam, 1 thread; optax under jit) on the fp32 Adam
+    case's data, initial params and batches, in the train table. Asserted: it trained the same model as
+    precision's numpy fp32 run (final params within 1e-4 relative: both fp32, other summation orders)."""
+    reason = loop_peer_skip_reason(peer)
+    if reason is not None:
+        pytest.skip(reason)
+    run, steps = loop_peer(peer, problem)
+    assert steps == CASE_STEPS
+    final = benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=1, iterations=1)
+    ours = trained(get_case(problem, "adam", "fp32", "numpy").spec()).params[-1]
+    distance = rel_l2(final, np.asarray(ours, dtype=np.float64))
+    benchmark.extra_info.update(rel_l2_to_numpy_fp32=distance)
+    assert distance <= 1e-4, f"{peer} on {problem}: rel_l2 {distance:.3g} from precision's fp32 run"
