@@ -59,7 +59,7 @@ def make_auditor(spec: RunSpec, dataset: Dataset) -> Callable[..., dict]:
     pol, opt = spec.policy, spec.optimizer
     compute = FormatOps(pol.compute, pol.accum)
     scalars = host_scalars(pol, opt, spec.steps, dataset.batch_size)
-    table = scalars.table.astype(pol.update.dtype)
+    table = scalars.table  # one row per audit (optim.ScalarTable), cast to U where used (exact: rounded to U)
     unscale = None if scalars.unscale is None else to_format(scalars.unscale, pol.update)[()]
     X = convert(dataset.X_train, _FP64, pol.compute)
     T = convert(targets_for(dataset, dataset.y_train), _FP64, pol.compute)
@@ -89,7 +89,7 @@ def make_auditor(spec: RunSpec, dataset: Dataset) -> Callable[..., dict]:
         if step_unscale is not None:
             g = g * step_unscale
         w_u = convert(w, pol.weights, pol.update)
-        _, delta, _ = array_math.update(np, opt, nxt, table[nxt - 1], w_u, g,
+        _, delta, _ = array_math.update(np, opt, nxt, table[nxt - 1].astype(pol.update.dtype), w_u, g,
                                         [convert(x, pol.state, pol.update) for x in opt_state], store, split=True)
         moved = convert(w_u + delta, pol.update, pol.weights)
         delta = np.asarray(delta, dtype=np.float64)

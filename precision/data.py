@@ -6,6 +6,7 @@ Every backend trains on exactly these arrays in exactly this order, so any diffe
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import numpy as np
 
@@ -14,7 +15,7 @@ from .problems import PROBLEMS, Problem, get_problem
 
 __all__ = ["Dataset", "DATA_SOURCES", "DATA_SETS", "DataSet", "make_dataset", "SYNTHETIC_SHAPE", "MAX_SEED",
            "check_seed", "fit_error", "split_sizes", "classes_for", "batch_schedule", "draw_init_params", "data_set",
-           "check_data_source"]
+           "check_data_source", "BatchSchedule", "lazy_schedule", "SCHEDULE_BLOCK", "blocks"]
 
 SYNTHETIC_SHAPE = (1280, 32)  # samples, features: a 1024-sample train split after the 80/20 split
 SYNTHETIC_CLASSES = 4
@@ -32,6 +33,11 @@ _SKLEARN_TASK = {"breast_cancer": "classification", "digits": "classification", 
 # numpy.random.default_rng takes any non-negative integer; a report stores the seed as a JSON integer that its schema
 # caps at a signed 64-bit value (precision/schemas/report-v2.schema.json). Seeds in 0..MAX_SEED satisfy both.
 MAX_SEED = 2**63 - 1
+
+# Steps whose batch rows (and scalar rows) a backend makes at once: a chunk between record steps is trained in blocks
+# of at most this many steps, so a run's memory is bounded whatever --record-every is (4096 x batch 128 int64:
+# 4 MiB). Blocking changes nothing but memory: the rows and the order of the steps are the same.
+SCHEDULE_BLOCK = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +125,9 @@ class Dataset:
     classes: int  # 0 for regression
     layout: tuple
     init_params: np.ndarray  # flat float64
-    batches: np.ndarray | None  # (steps, batch_size) int64 row indices into the train split; None = full batch
+    # (steps, batch_size) int64 row indices into the train split: a BatchSchedule (made lazily, a chunk of steps at a
+    # time: memory does not grow with steps) or an explicit array (datasets made by hand); None = full batch
+    batches: "BatchSchedule | np.ndarray | None"
     # What make_dataset was asked for, with problem, data and seed: a spec trains only on a dataset made for its own
     # (problem, data, seed, steps, batch_size); see made_for() and precision.runner.check_dataset.
     steps: int = 0  # length of the schedule asked for (0: none)
@@ -141,6 +149,15 @@ class Dataset:
     def batch(self, step: int) -> np.ndarray | slice:
         """Row indices of the train split used at 1-based ``step``."""
         return slice(None) if self.batches is None else self.batches[step - 1]
+
+    def batch_rows(self, start: int, stop: int) -> np.ndarray | None:
+        """The rows of steps start+1 .. stop as a (stop - start, batch_size) int64 array (None: full batch). Made
+        from the seed per call (BatchSchedule): a backend asks for one chunk of steps at a time."""
+        if self.batches is None:
+            return None
+        if isinstance(self.batches, BatchSchedule):
+            return self.batches.rows(start, stop)
+        return np.ascontiguousarray(self.batches[start:stop], dtype=np.int64)
 
 
 def _synthetic(problem: Problem, rng: np.random.Generator):
@@ -215,7 +232,8 @@ def draw_init_params(layout, rng: np.random.Generator) -> np.ndarray:
 
 def batch_schedule(rng: np.random.Generator, n_train: int, steps: int, batch_size: int | None) -> np.ndarray | None:
     """The rows of every step, (steps, batch_size) int64, drawn from ``rng``: one permutation of the train split per
-    epoch, its ragged tail dropped so that every step sees batch_size rows. None (full batch) when batch_size is None
+    epoch, its ragged tail dropped so that every step sees batch_size rows. The eager form, kept as the definition
+    that :class:`BatchSchedule` (what make_dataset uses) is tested against. None (full batch) when batch_size is None
     or at least the train split, or when there are no steps."""
     if batch_size is None or batch_size >= n_train or steps <= 0:
         return None
@@ -228,6 +246,136 @@ def batch_schedule(rng: np.random.Generator, n_train: int, steps: int, batch_siz
         perm = rng.permutation(n_train)[:per_epoch * batch_size].reshape(per_epoch, batch_size)
         batches[start:start + rows] = perm[:rows]
     return batches
+
+
+class BatchSchedule:
+    """The (steps, batch_size) int64 schedule of :func:`batch_schedule`, made lazily: the same rows from the same
+    random draws (one permutation of the train split per epoch, from the generator's state after the init draw, its
+    ragged tail dropped), but only the epochs a caller asks for, so memory does not grow with steps.
+
+    The current epoch's permutation is cached; the generator keeps a cursor at the next epoch, so chunks visited in
+    order draw each permutation once. The generator's state is kept at every CHECKPOINT-th epoch start, so going
+    back (an audit, a test) redraws at most CHECKPOINT permutations. Array-like for tests and small runs:
+    ``shape``, ``dtype``, ``len``, integer and slice indexing, and ``numpy.asarray`` (which materialises it all).
+    ``reverse``: every step's rows in reverse order (precision.floors.reordered)."""
+
+    CHECKPOINT = 64  # epochs between stored generator states
+    dtype = np.dtype(np.int64)
+    ndim = 2
+
+    def __init__(self, rng: np.random.Generator, n_train: int, steps: int, batch_size: int, reverse: bool = False):
+        if not 0 < batch_size < n_train or steps <= 0:
+            raise ValueError(f"a schedule needs 0 < batch_size < n_train and steps > 0 (got {batch_size}, "
+                             f"{n_train}, {steps})")
+        self.n_train, self.steps, self.batch_size = int(n_train), int(steps), int(batch_size)
+        self.per_epoch = self.n_train // self.batch_size
+        self.reverse = bool(reverse)
+        self._bit_generator = type(rng.bit_generator)
+        self._checkpoints = {0: rng.bit_generator.state}  # epoch -> the generator's state at its start
+        self._reset()
+
+    def _reset(self):
+        self._lock = threading.Lock()
+        self._gen, self._next = None, 0  # the generator, positioned at the start of epoch self._next
+        self._epoch, self._perm = -1, None  # the cached epoch and its (per_epoch, batch_size) rows
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        for key in ("_lock", "_gen", "_perm"):
+            state.pop(key)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._reset()
+
+    def reversed(self) -> "BatchSchedule":
+        """The same schedule with every step's rows in reverse order."""
+        out = object.__new__(BatchSchedule)
+        out.__dict__.update(self.__getstate__())
+        out._checkpoints = dict(self._checkpoints)
+        out.reverse = not self.reverse
+        out._reset()
+        return out
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.steps, self.batch_size)
+
+    @property
+    def epochs(self) -> int:
+        return -(-self.steps // self.per_epoch)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def _epoch_rows(self, epoch: int) -> np.ndarray:
+        if epoch == self._epoch:
+            return self._perm
+        if self._gen is None or epoch < self._next:
+            start = max(k for k in self._checkpoints if k <= epoch)
+            bit_generator = self._bit_generator()
+            bit_generator.state = self._checkpoints[start]
+            self._gen, self._next = np.random.Generator(bit_generator), start
+        while True:
+            if self._next % self.CHECKPOINT == 0 and self._next not in self._checkpoints:
+                self._checkpoints[self._next] = self._gen.bit_generator.state
+            perm = self._gen.permutation(self.n_train)
+            self._next += 1
+            if self._next > epoch:
+                break
+        rows = perm[:self.per_epoch * self.batch_size].reshape(self.per_epoch, self.batch_size)
+        self._epoch, self._perm = epoch, np.ascontiguousarray(rows[:, ::-1]) if self.reverse else rows
+        return self._perm
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """The rows of steps start+1 .. stop (0 <= start <= stop <= steps): (stop - start, batch_size) int64."""
+        if not 0 <= start <= stop <= self.steps:
+            raise IndexError(f"steps {start + 1}..{stop} are outside the schedule's 1..{self.steps}")
+        out = np.empty((stop - start, self.batch_size), dtype=np.int64)
+        with self._lock:
+            at = start
+            while at < stop:
+                epoch, offset = divmod(at, self.per_epoch)
+                take = min(self.per_epoch - offset, stop - at)
+                out[at - start:at - start + take] = self._epoch_rows(epoch)[offset:offset + take]
+                at += take
+        return out
+
+    def __getitem__(self, key):
+        if isinstance(key, (int, np.integer)):
+            index = int(key) + self.steps if key < 0 else int(key)
+            if not 0 <= index < self.steps:
+                raise IndexError(f"step index {key} is outside the schedule of {self.steps} steps")
+            return self.rows(index, index + 1)[0]
+        if isinstance(key, slice) and key.step in (None, 1):
+            start, stop, _ = key.indices(self.steps)
+            return self.rows(start, max(start, stop))
+        return np.asarray(self)[key]
+
+    def __array__(self, dtype=None, copy=None):
+        out = self.rows(0, self.steps)
+        return out if dtype is None else out.astype(dtype)
+
+    def min(self):
+        return np.asarray(self).min()
+
+    def max(self):
+        return np.asarray(self).max()
+
+
+def blocks(start: int, stop: int, size: int = SCHEDULE_BLOCK):
+    """(lo, hi) ranges of at most ``size`` steps covering steps start+1 .. stop in order."""
+    return [(lo, min(lo + size, stop)) for lo in range(start, stop, size)]
+
+
+def lazy_schedule(rng: np.random.Generator, n_train: int, steps: int,
+                  batch_size: int | None) -> BatchSchedule | None:
+    """:func:`batch_schedule` made lazily (:class:`BatchSchedule`): the same rows, drawn from ``rng``'s state now
+    (``rng`` itself is not advanced). None (full batch) in the same cases."""
+    if batch_size is None or batch_size >= n_train or steps <= 0:
+        return None
+    return BatchSchedule(rng, n_train, steps, batch_size)
 
 
 def make_dataset(problem: str, data: str = "synthetic", seed: int = 0, steps: int = 0,
@@ -272,7 +420,7 @@ def make_dataset(problem: str, data: str = "synthetic", seed: int = 0, steps: in
         y = (y - y[train].mean()) / y[train].std()
     layout = prob.layout(X.shape[1], classes if prob.task == "multiclass" else 0)
     init_params = draw_init_params(layout, rng)  # drawn before the schedule: independent of steps and batch size
-    batches = batch_schedule(rng, len(train), steps, batch_size)
+    batches = lazy_schedule(rng, len(train), steps, batch_size)  # drawn a chunk at a time, as the backends ask
     return Dataset(problem=prob.name, data=data, seed=seed, X_train=X[train], y_train=y[train], X_test=X[test],
                    y_test=y[test], classes=classes, layout=layout, init_params=init_params,
                    batches=batches, steps=int(steps),

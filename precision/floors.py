@@ -33,7 +33,7 @@ from typing import Callable
 
 import numpy as np
 
-from .data import Dataset, batch_schedule, draw_init_params
+from .data import BatchSchedule, Dataset, draw_init_params, lazy_schedule
 from .errors import SpecError
 from .problems import get_problem
 from .trajectory import Trajectory
@@ -60,7 +60,7 @@ def reseeded(dataset: Dataset, k: int) -> Dataset:
     rng = np.random.default_rng(np.random.SeedSequence([dataset.seed, k]))
     init = draw_init_params(dataset.layout, rng)
     steps = dataset.steps
-    batches = batch_schedule(rng, len(dataset.X_train), steps, dataset.requested_batch_size)
+    batches = lazy_schedule(rng, len(dataset.X_train), steps, dataset.requested_batch_size)
     return dataclasses.replace(dataset, init_params=init, batches=batches)
 
 
@@ -70,6 +70,8 @@ def reordered(dataset: Dataset) -> Dataset:
     if dataset.batches is None:
         return dataclasses.replace(dataset, X_train=dataset.X_train[::-1].copy(),
                                    y_train=dataset.y_train[::-1].copy())
+    if isinstance(dataset.batches, BatchSchedule):
+        return dataclasses.replace(dataset, batches=dataset.batches.reversed())
     return dataclasses.replace(dataset, batches=np.ascontiguousarray(dataset.batches[:, ::-1]))
 
 

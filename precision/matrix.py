@@ -74,9 +74,10 @@ WORK_LIMIT = 10**12  # multiply-adds: the sum over runs of steps x rows per step
 REPORT_LIMIT = 256 * 2**20  # = precision._report_reader.MAX_REPORT_BYTES: a larger report cannot be read back
 
 # Bytes per item, measured on numpy runs (tracemalloc peaks, report files) and rounded up: the estimate stays above
-# what was measured (an mlp run recording all 1000 steps peaked at 111 MiB, estimated 114 MiB; a 200000-step
-# schedule of 1000 rows peaked at 1642 MiB, estimated 1648 MiB).
-_SCALAR_BYTES_PER_STEP = 640  # the per-step optimizer scalar table and its temporaries, while a run trains
+# what was measured (an mlp run recording all 1000 steps peaked at 111 MiB, estimated 114 MiB). The batch schedule
+# and the scalar table are made a chunk (record_every steps) at a time (precision.data.BatchSchedule,
+# precision.optim.ScalarTable): they no longer grow with steps.
+_SCALAR_BYTES_PER_STEP = 640  # the optimizer scalar rows of one chunk and their temporaries, per step of the chunk
 _RESULT_BYTES, _RESULT_BYTES_PER_RECORD = 4096, 1024  # a Result in memory (drift point dicts, step times)
 _REPORT_BYTES, _REPORT_BYTES_PER_RECORD = 2048, 160  # its JSON in the report file (measured ~130 per record)
 _IN_FLIGHT_TRAJECTORIES = 5  # params snapshots, their stacked copy, the comparison's temporaries
@@ -89,7 +90,8 @@ class GridEstimate:
     steps: int  # training steps of all those runs
     work: int  # multiply-adds of one forward pass per step, summed: steps x rows per step x params
     memory_bytes: int  # peak: cached datasets and references, results, and the largest run in flight
-    schedule_bytes: int  # the minibatch schedules held (steps x batch size int64 per distinct dataset)
+    schedule_bytes: int  # the minibatch schedules held: per distinct dataset one epoch's permutation and one
+    # chunk's rows (record_every x batch size int64); independent of steps
     trajectory_bytes: int  # recorded params: references held plus the largest run in flight (records x params x 8)
     report_bytes: int  # the report file
 
@@ -125,9 +127,10 @@ class _Cost:
     record_every: int
     params: int
     rows: int  # rows per step
-    minibatch: bool  # a schedule of steps x rows int64 is made
+    minibatch: bool  # a schedule is made (one epoch's permutation and a chunk's rows, int64, at a time)
     data_bytes: int  # the arrays of the dataset other than the schedule
     trainings: int = 1  # 2 for gradient accumulation: the run and the same run in one batch
+    n_train: int = 0  # rows of the train split: one epoch's permutation
 
 
 def _cost(spec: RunSpec) -> _Cost:
@@ -142,7 +145,7 @@ def _cost(spec: RunSpec) -> _Cost:
                  reference_key=(spec.problem, spec.data, spec.seed, spec.batch_size, spec.optimizer,
                                 spec.record_every, spec.accum_steps),
                  steps=spec.steps, record_every=spec.record_every, params=params,
-                 rows=spec.batch_size if minibatch else n_train, minibatch=minibatch,
+                 rows=spec.batch_size if minibatch else n_train, minibatch=minibatch, n_train=n_train,
                  data_bytes=(n_train + n_test) * (info.features + 1) * 8 + params * 8,
                  trainings=2 if spec.accum_steps > 1 else 1)
 
@@ -169,13 +172,14 @@ def _estimate(costs: list[_Cost], steps: int | None = None, noise_floor: int = 0
         trajectory = records * c.params * 8
         key = c.dataset_key + (n,)
         datasets[key] = c.data_bytes
-        schedules[key] = n * c.rows * 8 if c.minibatch else 0
+        chunk = min(n, c.record_every)
+        schedules[key] = (c.n_train + chunk * c.rows) * 8 if c.minibatch else 0
         references[c.reference_key + (n,)] = (trajectory, n, n * c.rows * c.params)
         work += c.trainings * n * c.rows * c.params
         total_steps += c.trainings * n
         results += _RESULT_BYTES + records * _RESULT_BYTES_PER_RECORD
         report += _REPORT_BYTES + records * _REPORT_BYTES_PER_RECORD
-        in_flight = max(in_flight, _IN_FLIGHT_TRAJECTORIES * trajectory + _SCALAR_BYTES_PER_STEP * n)
+        in_flight = max(in_flight, _IN_FLIGHT_TRAJECTORIES * trajectory + _SCALAR_BYTES_PER_STEP * chunk)
         in_flight_trajectory = max(in_flight_trajectory, _IN_FLIGHT_TRAJECTORIES * trajectory)
     held_references = sum(t for t, _, _ in references.values())
     schedule_bytes = sum(schedules.values())
@@ -196,10 +200,11 @@ def _estimate(costs: list[_Cost], steps: int | None = None, noise_floor: int = 0
 def estimate_grid(specs: Iterable[RunSpec], noise_floor: int = 0) -> GridEstimate:
     """Estimate what running ``specs`` costs, from the specs alone (no data is loaded, nothing is imported).
 
-    Counts what the runner holds at once: every distinct dataset (its arrays and its minibatch schedule of
-    steps x batch int64) and reference trajectory (records x params x 8 bytes) stays cached for the whole run, every
-    result until the report is written, plus the largest run in flight (its trajectory about three times over and
-    its per-step scalar table). ``work`` sums steps x rows per step x params over the specs and their references;
+    Counts what the runner holds at once: every distinct dataset (its arrays, and its minibatch schedule's epoch
+    permutation and chunk of rows: the schedule is made a chunk at a time) and reference trajectory (records x
+    params x 8 bytes) stays cached for the whole run, every result until the report is written, plus the largest
+    run in flight (its trajectory about three times over and one chunk's scalar rows). Nothing but the records
+    grows with steps. ``work`` sums steps x rows per step x params over the specs and their references;
     ``noise_floor`` K adds K float64 trainings per reference (its noise floors) and their trajectories."""
     return _estimate([_cost(spec) for spec in specs], noise_floor=noise_floor)
 

@@ -41,7 +41,8 @@ import numpy as np
 from .errors import SpecError, choice_error
 from .formats import Format, round_to
 
-__all__ = ["OptimizerSpec", "OPTIMIZERS", "make_optimizer", "scalar_table", "SCALAR_COLUMNS", "state_size"]
+__all__ = ["OptimizerSpec", "OPTIMIZERS", "make_optimizer", "scalar_table", "scalar_rows", "ScalarTable",
+           "SCALAR_COLUMNS", "state_size"]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 _DEFAULTS = {
@@ -112,15 +113,22 @@ def scalar_table(opt: OptimizerSpec, steps: int, fmt: Format) -> np.ndarray:
     """Per-step scalars, shape (steps, len(SCALAR_COLUMNS)), row t-1 for step t.
 
     Computed in float64 (bias corrections 1 - beta^t would lose everything in bf16), then rounded once to the
-    update format ``fmt``, so every backend casts exactly the same values.
+    update format ``fmt``, so every backend casts exactly the same values. A run takes them a chunk at a time
+    (:func:`scalar_rows`, :class:`ScalarTable`): the same values, without a table that grows with steps.
     """
-    t = np.arange(1, steps + 1, dtype=np.float64)
+    return scalar_rows(opt, 0, steps, fmt)
+
+
+def scalar_rows(opt: OptimizerSpec, start: int, stop: int, fmt: Format) -> np.ndarray:
+    """Rows start .. stop - 1 of :func:`scalar_table` (steps start+1 .. stop), computed alone: (stop - start,
+    len(SCALAR_COLUMNS)), each value the same float64 formula rounded once to ``fmt``."""
+    t = np.arange(start + 1, stop + 1, dtype=np.float64)
     b1, b2 = map(float, opt.betas)
     # beta^t with Python's float pow (the C library's, as torch.optim computes it), not numpy's array power: that
     # dispatches to a SIMD kernel that is 1 ulp off for ~5% of t here and differs by CPU, and 1 - beta2^t
     # magnifies 1 ulp of beta2^t ~1000x (tests/test_optim_reference.py).
-    bc1 = np.array([1.0 - b1**k for k in range(1, steps + 1)], dtype=np.float64)
-    bc2 = np.array([1.0 - b2**k for k in range(1, steps + 1)], dtype=np.float64)
+    bc1 = np.array([1.0 - b1**k for k in range(start + 1, stop + 1)], dtype=np.float64)
+    bc2 = np.array([1.0 - b2**k for k in range(start + 1, stop + 1)], dtype=np.float64)
     columns = {
         "lr": np.full_like(t, opt.lr),
         "weight_decay": np.full_like(t, opt.weight_decay),
@@ -134,5 +142,39 @@ def scalar_table(opt: OptimizerSpec, steps: int, fmt: Format) -> np.ndarray:
         "step_size": opt.lr / bc1,
         "decay": np.full_like(t, 1.0 - opt.lr * opt.weight_decay),
     }
-    table = np.stack([columns[name] for name in SCALAR_COLUMNS], axis=1)
+    table = np.stack([columns[name] for name in SCALAR_COLUMNS], axis=1).reshape(len(t), len(SCALAR_COLUMNS))
     return round_to(table, fmt)
+
+
+class ScalarTable:
+    """:func:`scalar_table` of a run, made a chunk at a time: ``rows(start, stop)`` (float64, rounded to the update
+    format), ``table[i]`` the row of step i + 1. Nothing is held, so memory does not grow with steps."""
+
+    def __init__(self, opt: OptimizerSpec, steps: int, fmt: Format):
+        self.opt, self.steps, self.fmt = opt, int(steps), fmt
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.steps, len(SCALAR_COLUMNS))
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows start .. stop - 1 (steps, or applied-update counts, start+1 .. stop); 0 <= start <= stop <= steps."""
+        if not 0 <= start <= stop <= self.steps:
+            raise IndexError(f"scalar rows {start}..{stop} are outside the table's 0..{self.steps}")
+        return scalar_rows(self.opt, start, stop, self.fmt)
+
+    def __getitem__(self, key):
+        if isinstance(key, (int, np.integer)):
+            index = int(key) + self.steps if key < 0 else int(key)
+            return self.rows(index, index + 1)[0]
+        if isinstance(key, slice) and key.step in (None, 1):
+            start, stop, _ = key.indices(self.steps)
+            return self.rows(start, max(start, stop))
+        return np.asarray(self)[key]
+
+    def __array__(self, dtype=None, copy=None):
+        out = self.rows(0, self.steps)
+        return out if dtype is None else out.astype(dtype)

@@ -229,13 +229,15 @@ def test_estimate_counts_schedules_trajectories_and_work():
     s = spec(steps=1000, batch_size=100, record_every=10)  # synthetic logreg: 32 features + bias = 33 params
     e = estimate_grid([s])
     assert e.runs == 2 and e.steps == 2000  # the spec and its float64 reference
-    assert e.schedule_bytes == 1000 * 100 * 8  # steps x batch int64, one dataset for both
+    # the schedule is made a chunk at a time: one epoch's permutation of the 1024 training rows and one chunk's
+    # rows (record_every 10 x batch 100), int64, one dataset for both; it no longer grows with the steps
+    assert e.schedule_bytes == (1024 + 10 * 100) * 8
     records = 101
     assert e.trajectory_bytes == records * 33 * 8 * (1 + matrix._IN_FLIGHT_TRAJECTORIES)  # reference + in flight
     assert e.work == 2 * 1000 * 100 * 33
     full = estimate_grid([spec(steps=1000, batch_size=None, record_every=10)])
     assert full.schedule_bytes == 0 and full.work == 2 * 1000 * 1024 * 33  # full batch: every train row
-    seeds = estimate_grid([spec(steps=1000, batch_size=100, seed=k) for k in range(3)])
+    seeds = estimate_grid([spec(steps=1000, batch_size=100, seed=k, record_every=10) for k in range(3)])
     assert seeds.schedule_bytes == 3 * e.schedule_bytes  # one cached dataset per seed
 
 

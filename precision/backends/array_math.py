@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 from ..optim import SCALAR_COLUMNS, OptimizerSpec
-from ..problems import unflatten
+from ..problems import get_problem, unflatten
 
 __all__ = ["update", "gradient", "forward"]
 
@@ -64,16 +64,30 @@ def _linear_grads(ops, X, delta):
     return [ops.matmul_tn(X, delta), ops.sum(delta, axis=0, keepdims=delta.ndim == 1).reshape(-1)]
 
 
+def _activation(ops, name: str, A):
+    """tanh by the format's rule, or relu = max(A, 0) (exact; NaN stays NaN, -0 gives +0)."""
+    if name == "tanh":
+        return ops.tanh(A)
+    return ops.relu(A)
+
+
 def forward(problem: str, ops, p: dict, X):
-    """The forward pass: (logits, hidden activations or None). ``p`` is the params as named blocks (unflatten), all
-    arrays in ``ops``'s compute dtype. Logits are z (n,) for linreg / logreg, Z (n, classes) for softmax / mlp,
-    before any sigmoid or softmax. The training gradient and the served model (precision.inference) both run it."""
+    """The forward pass: (logits, hidden activations: a list, first layer first, or None). ``p`` is the params as
+    named blocks (unflatten), all arrays in ``ops``'s compute dtype. Logits are z (n,) for linreg / logreg,
+    Z (n, classes) for softmax / an MLP, before any sigmoid or softmax. The training gradient and the served model
+    (precision.inference) both run it. An MLP (``mlp``, ``mlp-WIDTHS[-relu]``): H_i = act(rnd(H_{i-1} W_i) + b_i)
+    per hidden layer, then Z = rnd(H_L W) + b."""
     if problem in ("linreg", "logreg"):
         return ops.matmul(X, p["w"]) + p["b"], None
     if problem == "softmax":
         return ops.matmul(X, p["W"]) + p["b"], None
-    H = ops.tanh(ops.matmul(X, p["W1"]) + p["b1"])
-    return ops.matmul(H, p["W2"]) + p["b2"], H
+    prob = get_problem(problem)
+    H, hidden = X, []
+    for i in range(1, len(prob.hidden) + 1):
+        H = _activation(ops, prob.activation, ops.matmul(H, p[f"W{i}"]) + p[f"b{i}"])
+        hidden.append(H)
+    last = len(prob.hidden) + 1
+    return ops.matmul(H, p[f"W{last}"]) + p[f"b{last}"], hidden
 
 
 def gradient(xp, problem: str, ops, params, X, targets, scale, layout):
@@ -91,11 +105,21 @@ def gradient(xp, problem: str, ops, params, X, targets, scale, layout):
     if problem == "softmax":
         delta = (_softmax(ops, logits) - targets) * scale
         return xp.concatenate([g.ravel() for g in _linear_grads(ops, X, delta)])
-    # mlp
+    # an MLP: back from the last layer; each layer's (gW, gb) from the delta at its output, then the delta through
+    # its weights and the activation below (for the one-layer mlp: gW2, gb2, dH, dA, gW1, gb1, as ever)
+    activation = get_problem(problem).activation
     delta = (_softmax(ops, logits) - targets) * scale
-    gW2, gb2 = _linear_grads(ops, H, delta)
-    dH = ops.matmul_nt(delta, p["W2"])  # delta @ W2.T
-    one = xp.asarray(1, dtype=H.dtype)
-    dA = dH * (one - H * H)  # tanh' = 1 - H^2: H*H, 1-, * each rounded
-    gW1, gb1 = _linear_grads(ops, X, dA)
-    return xp.concatenate([gW1.ravel(), gb1, gW2.ravel(), gb2])
+    grads = []
+    for i in range(len(H) + 1, 0, -1):
+        below = X if i == 1 else H[i - 2]
+        gW, gb = _linear_grads(ops, below, delta)
+        grads = [gW.ravel(), gb] + grads
+        if i == 1:
+            break
+        dH = ops.matmul_nt(delta, p[f"W{i}"])  # delta @ W_i.T
+        if activation == "tanh":
+            one = xp.asarray(1, dtype=below.dtype)
+            delta = dH * (one - below * below)  # tanh' = 1 - H^2: H*H, 1-, * each rounded
+        else:
+            delta = dH * xp.sign(below)  # relu' = 1 where H > 0, else 0 (H >= 0; 0 at 0, torch's): exact
+    return xp.concatenate(grads)

@@ -40,7 +40,7 @@ import numpy as np
 
 from ..errors import SpecError
 from ..formats import get_format, round_to, wider
-from ..optim import OptimizerSpec, scalar_table, state_size
+from ..optim import OptimizerSpec, ScalarTable, state_size
 from ..policy import Policy
 
 __all__ = ["Link", "STEP_CHAIN", "DIVERGENCE_CHECKED", "DIVERGENCE_RULE", "SCALAR_RULES", "STATE_STORE_RULES", "StepResult",
@@ -374,7 +374,7 @@ class HostScalars(NamedTuple):
     """Host scalars of a run, as float64 values already rounded to their formats (exact in them)."""
     seed_scale: float  # in C
     unscale: float | None  # in U; None without a loss scale
-    table: np.ndarray  # (steps, len(SCALAR_COLUMNS)) float64, rounded to U
+    table: ScalarTable  # (steps, len(SCALAR_COLUMNS)) float64 rounded to U, made a chunk at a time (rows(start, stop))
 
 
 def host_scalars(pol: Policy, opt: OptimizerSpec, steps: int, batch_size: int) -> HostScalars:
@@ -383,7 +383,7 @@ def host_scalars(pol: Policy, opt: OptimizerSpec, steps: int, batch_size: int) -
         raise SpecError(f"batch size {batch_size!r} must be positive (an empty batch has no mean gradient)")
     seed = float(round_to(np.float64((pol.loss_scale or 1.0) / batch_size), pol.compute))
     unscale = float(round_to(np.float64(1.0 / pol.loss_scale), pol.update)) if pol.loss_scale else None
-    return HostScalars(seed, unscale, scalar_table(opt, steps, pol.update))
+    return HostScalars(seed, unscale, ScalarTable(opt, steps, pol.update))
 
 
 _FP32 = get_format("fp32")

@@ -28,6 +28,8 @@ def main(args) -> int:
     print("problems:")
     for name, problem in PROBLEMS.items():
         print(f"  {name:<8} {problem.task:<10} {problem.description}")
+    print("  mlp-WIDTHS[-relu]   multiclass MLP of any width and depth, e.g. mlp-64, mlp-256x256, mlp-256x256-relu "
+          "(docs/models.md)")
     print("data:")
     for name, text in DATA_SOURCES.items():
         print(f"  {name:<14} {text}")

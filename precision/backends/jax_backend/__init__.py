@@ -6,7 +6,7 @@ How it works and every expected difference from the numpy reference: docs/jax.md
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import numpy as np
@@ -74,12 +74,15 @@ class JaxBackend:
 class _Prepared(NamedTuple):
     loop: LoopSpec
     data: tuple  # (X, T, scale, unscale, remedy) on the device (remedy: loop.remedy_inputs, {} without remedies)
-    inputs: dict  # chunk start -> StepInputs on the device
+    inputs: Callable  # (start, stop) -> StepInputs of that chunk on the device, made when the chunk runs
     carry: Carry
+    first: tuple  # (start, stop) of the first chunk
 
 
 def _prepare(spec: RunSpec, dataset: Dataset, device: jax.Device) -> _Prepared:
-    """Everything a run feeds its compiled program, made on the host as the reference makes it, then placed."""
+    """Everything a run feeds its compiled program, made on the host as the reference makes it, then placed. The
+    chunks' inputs (batch rows and scalar rows) are made per chunk (``inputs(start, stop)``): nothing held grows
+    with steps, except the whole scalar table that dynamic loss scaling indexes by the applied-update count."""
     pol, opt = spec.policy, spec.optimizer
     check_policy(pol)  # a format XLA would compute in unrounded (an emulated compute or update format): refused
     X = host_convert(dataset.X_train, _FP64, pol.compute)
@@ -89,21 +92,24 @@ def _prepare(spec: RunSpec, dataset: Dataset, device: jax.Device) -> _Prepared:
     micro_batches(dataset.batch_size, spec.accum_steps)  # K larger than the batch: SpecError before any tracing
     scale = to_format(scalars.seed_scale, pol.compute)  # exact: already rounded to C
     unscale = to_format(1.0 if scalars.unscale is None else scalars.unscale, pol.update)  # unused without ls
-    table = scalars.table.astype(pol.update.dtype)  # exact: rounded to U by scalar_table
+    table = scalars.table  # optim.ScalarTable: rows made per chunk, exact in U (rounded to U by scalar_rows)
 
     marks = record_schedule(spec.steps, spec.record_every)
     chunk_steps = int(max(np.diff(marks)))  # every chunk has this length; shorter ones are padded
     batch = 0 if dataset.batches is None else int(dataset.batches.shape[1])
+    dynamic = pol.dynamic_scale is not None
     loop = LoopSpec(problem=spec.problem, layout=tuple(dataset.layout), optimizer=structure(opt), policy=pol,
                     chunk_steps=chunk_steps, x_shape=X.shape, t_shape=T.shape, batch=batch,
                     n_params=dataset.n_params, has_unscale=pol.loss_scale is not None, device=device,
-                    accum_steps=spec.accum_steps,
-                    table_rows=0 if pol.dynamic_scale is None else int(table.shape[0]))
-    inputs = {start: chunk_inputs(table, dataset.batches, start, stop, chunk_steps, device)
-              for start, stop in zip(marks[:-1], marks[1:])}
-    remedy = remedy_inputs(pol, spec.seed, table)
+                    accum_steps=spec.accum_steps, table_rows=int(table.shape[0]) if dynamic else 0)
+
+    def inputs(start: int, stop: int):
+        return chunk_inputs(table.rows(start, stop).astype(pol.update.dtype), dataset.batch_rows(start, stop),
+                            start, stop, chunk_steps, device)
+
+    remedy = remedy_inputs(pol, spec.seed, np.asarray(table).astype(pol.update.dtype) if dynamic else None)
     return _Prepared(loop, jax.device_put((X, T, scale, unscale, remedy), device), inputs,
-                     initial_carry(dataset.init_params, pol, opt, device))
+                     initial_carry(dataset.init_params, pol, opt, device), (marks[0], marks[1]))
 
 
 def lower(spec: RunSpec, dataset: Dataset):
@@ -111,19 +117,20 @@ def lower(spec: RunSpec, dataset: Dataset):
     policy's dtypes appear in the program."""
     with jax.enable_x64(needs_x64(spec.policy)):
         prepared = _prepare(spec, dataset, jax_device(spec.device))
-        return lower_chunk(prepared.loop, spec.optimizer, (prepared.carry, prepared.inputs[0], *prepared.data))
+        return lower_chunk(prepared.loop, spec.optimizer,
+                           (prepared.carry, prepared.inputs(*prepared.first), *prepared.data))
 
 
 def _train(spec: RunSpec, dataset: Dataset, device: jax.Device) -> Trajectory:
     prepared = _prepare(spec, dataset, device)
     box = {"carry": prepared.carry}
     program, compile_s = compile_chunk(prepared.loop, spec.optimizer,
-                                       (prepared.carry, prepared.inputs[0], *prepared.data))
+                                       (prepared.carry, prepared.inputs(*prepared.first), *prepared.data))
     # dynamic loss scaling: the scaler lives in the carry; the host's record of it is updated after each chunk
     log = ScalerLog(initial_scaler(spec.policy)) if spec.policy.dynamic_scale is not None else None
 
     def run_chunk(start: int, stop: int) -> int | None:
-        out = program.run(box["carry"], prepared.inputs[start], *prepared.data)  # old carry donated
+        out = program.run(box["carry"], prepared.inputs(start, stop), *prepared.data)  # old carry donated
         carry, skipped = (out, None) if log is None else out
         box["carry"] = carry = jax.block_until_ready(carry)
         if log is not None:

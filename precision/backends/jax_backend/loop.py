@@ -278,13 +278,13 @@ def initial_carry(init_params: np.ndarray, pol: Policy, opt: OptimizerSpec, devi
 
 def chunk_inputs(table: np.ndarray, batches: np.ndarray | None, start: int, stop: int, chunk_steps: int,
                  device) -> StepInputs:
-    """Inputs of steps start+1..stop, padded to ``chunk_steps`` with masked steps (table row and rows of step
-    ``start+1`` repeated: any valid values do, the mask discards their results)."""
+    """Inputs of steps start+1..stop from that chunk's rows alone: ``table`` its (stop - start) scalar rows,
+    ``batches`` its (stop - start, B) batch rows (None: full batch); padded to ``chunk_steps`` with masked steps
+    (table row and rows of step ``start+1`` repeated: any valid values do, the mask discards their results)."""
     count = stop - start
-    index = np.arange(start, start + chunk_steps)
-    index[count:] = start  # padding repeats the first row of the chunk
+    index = np.arange(chunk_steps)
+    index[count:] = 0  # padding repeats the first row of the chunk
     rows = (batches[index] if batches is not None else np.zeros((chunk_steps, 0), np.int64)).astype(np.int32)
     return jax.device_put(StepInputs(scalars=table[index], rows=rows,
                                      step=(np.arange(chunk_steps) + start + 1).astype(np.int32),
                                      valid=np.arange(chunk_steps) < count), device)
-

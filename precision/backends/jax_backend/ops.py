@@ -186,6 +186,10 @@ class JaxOps:
         self.accum_dtype = jnp.dtype(accum.dtype)
         self._tabulated = fmt.precision < _FP32.precision
 
+    def relu(self, A):
+        """max(A, 0): exact in every format (NaN stays NaN, -0 gives +0), as the numpy backend's."""
+        return jnp.maximum(A, jnp.zeros((), dtype=A.dtype))
+
     def scalar(self, value: float) -> jax.Array:
         """A typed 0-d array of this format: one correct rounding from float64 on the host."""
         return jnp.asarray(_host_to_format(np.float64(value), self.fmt))

@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from ...data import Dataset
+from ...data import SCHEDULE_BLOCK, Dataset, blocks
 from ...formats import Format, get_format, round_to, wider
 from ...optim import state_size
 from ...policy import Policy
@@ -117,14 +117,13 @@ class NumbaBackend:
         T = _rounded(targets_for(dataset, dataset.y_train), pol.compute)  # the numpy backend's targets
         n, features = X.shape
         batch = dataset.batch_size
-        batches = dataset.batches if dataset.batches is not None else np.zeros((0, 0), dtype=np.int64)
         # Host scalars by the shared rules (step_rules.host_scalars), exactly as the numpy backend makes them; the
         # loops multiply by ``unscale`` unconditionally, so no loss scale means exactly 1.0.
         scalars = host_scalars(pol, spec.optimizer, spec.steps, batch)
         parts = micro_batches(batch, spec.accum_steps)
         scale = scalars.seed_scale
         unscale = 1.0 if scalars.unscale is None else scalars.unscale
-        table = np.ascontiguousarray(scalars.table)
+        table = scalars.table  # rows made per chunk (optim.ScalarTable), as the chunk's batch rows are
 
         # Weights are the init rounded once to W; params are those weights converted to P (two roundings when W is
         # narrower than fp64, as in numpy's convert(convert(init, fp64, W), W, P)).
@@ -143,10 +142,21 @@ class NumbaBackend:
             codes = rem[4][:6]  # generic, six codes: one loop specialisation serves every remedy policy
         ist = np.zeros(2, dtype=np.int64)
         fst = np.array([float(pol.dynamic_scale.init) if pol.dynamic_scale else 1.0])
-        skipped = np.zeros(spec.steps + 1, dtype=np.int64)
+        # skipped[step - start]: a block's steps (data.SCHEDULE_BLOCK + 1, zeroed before each block)
+        skipped = np.zeros(SCHEDULE_BLOCK + 1, dtype=np.int64)
         log = ScalerLog(initial_scaler(pol)) if pol.dynamic_scale else None
         remedies = (s2, rem, ist, fst, skipped)
-        tail = (pc, g, work, accum64, scale, table, w, s0, s1, p, codes, flags, unscale) + remedies
+        no_rows = np.zeros((0, 0), dtype=np.int64)  # the full batch's marker
+
+        def chunk(start: int, stop: int):
+            """The chunk's batch rows and scalar rows (steps start+1 .. stop; under remedies the applied-update
+            counts from ist[0] on, as the loops index them), made now: nothing held grows with steps."""
+            rows = dataset.batch_rows(start, stop)
+            base = int(ist[0]) if rem is not None else start
+            return (no_rows if rows is None else rows), table.rows(base, base + stop - start)
+
+        def tail(table_rows):
+            return (pc, g, work, accum64, scale, table_rows, w, s0, s1, p, codes, flags, unscale) + remedies
         # Matrix-product operands live in the accumulator's dtype: the data once here, as (float32, float64) pairs.
         # linreg / logreg get a column of ones (and zero padding) appended: [X | 1 | 0].T delta is the weights' and
         # the bias's gradient in one product.
@@ -161,28 +171,35 @@ class NumbaBackend:
         Tb = np.zeros((batch,) + T.shape[1:])
         if len(parts) > 1:
             call = _accumulated_call(spec, dataset, parts, X_op, T, data.shape[1], features, accum64, pc, g,
-                                     (scale, table, w, s0, s1, p), (flags, unscale) + remedies)
+                                     (scale, w, s0, s1, p), (flags, unscale) + remedies, chunk)
         elif linear:
             logistic = spec.problem == "logreg"
 
             def call(start, stop):
-                return run_linear(start, stop, logistic, X_op, XT_op, T, batches, Xb_op, XbT_op, Tb, *tail)
+                batches, table_rows = chunk(start, stop)
+                return run_linear(start, stop, logistic, X_op, XT_op, T, batches, Xb_op, XbT_op, Tb,
+                                  *tail(table_rows))
         else:
             loop = run_softmax if spec.problem == "softmax" else run_mlp
 
             def call(start, stop):
-                return loop(start, stop, X_op, XT_op, T, batches, Xb_op, XbT_op, Tb, *tail)
+                batches, table_rows = chunk(start, stop)
+                return loop(start, stop, X_op, XT_op, T, batches, Xb_op, XbT_op, Tb, *tail(table_rows))
 
         t0 = time.perf_counter()
         call(0, 0)  # zero steps: compiles, or loads from the cache, the loop for these argument types
         compile_s = time.perf_counter() - t0
 
         def run_chunk(start: int, stop: int):
-            bad = call(start, stop)
-            if log is not None:  # the scaler's state and the skipped steps back to the host (base.ScalerLog)
-                log.state = ScalerState(np.float32(fst[0]), np.int32(ist[1]))
-                log.skipped.extend(int(k) for k in np.flatnonzero(skipped[start + 1:stop + 1]) + start + 1)
-            return int(bad) if bad else None
+            for lo, hi in blocks(start, stop):  # bounded memory: a block's rows at a time (data.SCHEDULE_BLOCK)
+                skipped[:] = 0
+                bad = call(lo, hi)
+                if log is not None:  # the scaler's state and the skipped steps back to the host (base.ScalerLog)
+                    log.state = ScalerState(np.float32(fst[0]), np.int32(ist[1]))
+                    log.skipped.extend(int(k) for k in np.flatnonzero(skipped[1:hi - lo + 1]) + lo + 1)
+                if bad:
+                    return int(bad)
+            return None
 
         # the stored values for the step audit (precision.audit): the optimizer's state vectors, then Kahan's
         # compensation, as step_rules.initial_values orders them
@@ -194,7 +211,7 @@ class NumbaBackend:
 
 def _accumulated_call(spec: RunSpec, dataset: Dataset, parts: tuple, X_op: tuple, T: np.ndarray, width: int,
                       features: int, accum64: bool, pc: np.ndarray, g: np.ndarray, before_codes: tuple,
-                      after_codes: tuple):
+                      after_codes: tuple, chunk):
     """``call(start, stop)`` running the micro-batch loop of ``spec.problem`` (``loops.run_*_accum``): the step's
     rows split at ``parts`` (step_rules.micro_batches), scratch arrays for each of the (at most two) micro-batch
     sizes, the accumulator's format code. Generic format codes only (one compiled loop per problem family)."""
@@ -207,20 +224,26 @@ def _accumulated_call(spec: RunSpec, dataset: Dataset, parts: tuple, X_op: tuple
     Tbs = tuple(np.zeros((m,) + T.shape[1:]) for m in sizes)
     works = tuple(make_work(spec.problem, m, features, dataset.classes, accum64) for m in sizes)
     full = dataset.batches is None
-    schedule = np.arange(T.shape[0], dtype=np.int64).reshape(1, -1) if full else dataset.batches
+    whole = np.arange(T.shape[0], dtype=np.int64).reshape(1, -1)  # the full batch's rows
     gm, ga = np.zeros_like(g), np.zeros_like(g)
     ca = format_code(pol.accum)
     rem = after_codes[3]  # (flags, unscale, s2, rem, ...): a remedy policy's loop takes rem's six generic codes
     codes = tuple(format_code(f) for f in update_formats(pol)) if rem is None else rem[4][:6]
     # generic codes, also for the pure fp32 linear models (policy_codes' static ones: bit-identical results, but
     # another ~8 s compiled loop)
-    common = ((schedule, full, slots, Xbs, XbTs, Tbs, works, pc, gm, ga, g, accum64, ca) + before_codes + (codes,)
-              + after_codes)
+    scale, w, s0, s1, p = before_codes
+
+    def common(start, stop):
+        rows, table_rows = chunk(start, stop)  # the chunk's schedule rows and scalar rows
+        schedule = whole if full else rows
+        return ((schedule, full, slots, Xbs, XbTs, Tbs, works, pc, gm, ga, g, accum64, ca, scale, table_rows, w, s0,
+                 s1, p, codes) + after_codes)
+
     if spec.problem in ("linreg", "logreg"):
         logistic = spec.problem == "logreg"
-        return lambda start, stop: run_linear_accum(start, stop, logistic, X_op, T, *common)
+        return lambda start, stop: run_linear_accum(start, stop, logistic, X_op, T, *common(start, stop))
     loop = run_softmax_accum if spec.problem == "softmax" else run_mlp_accum
-    return lambda start, stop: loop(start, stop, X_op, T, *common)
+    return lambda start, stop: loop(start, stop, X_op, T, *common(start, stop))
 
 
 _FP32 = get_format("fp32")

@@ -38,6 +38,15 @@ def _bias(Z, b, cc, apply_tanh):
                 Z[i, j] = tanh_c(Z[i, j], cc)
 
 
+@numba.njit(**JIT)
+def _relu(Z):
+    """max(Z, 0) in place, as the training pass's (models._activate): exact, NaN stays NaN, -0 gives +0."""
+    for i in range(Z.shape[0]):
+        for j in range(Z.shape[1]):
+            a = Z[i, j]
+            Z[i, j] = a if (a > 0 or a != a) else 0.0
+
+
 def _operand(values: np.ndarray, accum64: bool) -> tuple[np.ndarray, np.ndarray]:
     """Compute-format values (float64) as the accumulator's (float32, float64) operand pair (exact)."""
     ops = pair(values.shape, accum64)
@@ -75,8 +84,14 @@ def forward_logits(problem: str, params: np.ndarray, X: np.ndarray, compute: For
         Z = _product(Xc, p["W"], cc, accum64)
         _bias(Z, p["b"], cc, False)
         return Z
-    H = _product(Xc, p["W1"], cc, accum64)
-    _bias(H, p["b1"], cc, True)
-    Z = _product(H, p["W2"], cc, accum64)
-    _bias(Z, p["b2"], cc, False)
+    prob = get_problem(problem)  # mlp, or a named mlp-WIDTHS[-relu]: hidden layers, then the output layer
+    H = Xc
+    for i in range(1, len(prob.hidden) + 1):
+        H = _product(H, p[f"W{i}"], cc, accum64)
+        _bias(H, p[f"b{i}"], cc, prob.activation == "tanh")
+        if prob.activation == "relu":
+            _relu(H)
+    last = len(prob.hidden) + 1
+    Z = _product(H, p[f"W{last}"], cc, accum64)
+    _bias(Z, p[f"b{last}"], cc, False)
     return Z

@@ -42,7 +42,7 @@ import numpy as np
 from numba.extending import overload
 
 from ..step_rules import SR_WEIGHTS_TENSOR, sr_state_tensor
-from .models import grad_linear, grad_mlp, grad_softmax
+from .models import grad_any_mlp, grad_linear, grad_softmax
 from .rounding import JIT, rnd
 from .stochastic import stochastic_round64
 from .update import OPT_ADAM, adam_element, adam_split, row_scalars, sgd_element, sgd_split
@@ -123,7 +123,12 @@ def apply_update(step, row, g, w, s0, s1, p, codes, flags, unscale):
 # add one specialisation per loop, compiled only when a remedy policy runs; the host passes such a policy's
 # ``codes`` as the six generic codes of ``rem`` (one type for every remedy policy). ``ist`` (int64: applied
 # updates, growth tracker) and ``fst`` (float64: the dynamic loss scale, a float32 value) are the loop's state
-# across chunks; ``skipped[step]`` is set to 1 for a step skipped by dynamic loss scaling.
+# across chunks; ``skipped[step - start]`` is set to 1 for a step skipped by dynamic loss scaling.
+#
+# Per-chunk inputs: every loop runs steps start+1 .. stop and gets only that chunk's rows of the batch schedule
+# (``batches[step - 1 - start]``) and of the scalar table: ``table[step - 1 - start]``, or under remedies the rows
+# of the applied-update counts ``ist[0]`` (at the chunk's start, ``base``) onwards, ``table[applied - base]``.
+# So nothing the loops read grows with steps (precision.data.BatchSchedule, precision.optim.ScalarTable).
 
 @numba.njit(**JIT)
 def apply_remedies(step, t, row, g, w, s0, s1, s2, p, flags, unscale, rem):
@@ -197,7 +202,7 @@ def _dynamic_seed(scale, rem, fst):
 
 
 @numba.njit(inline="always", **JIT)
-def _remedy_step(step, table, g, w, s0, s1, s2, p, flags, unscale, rem, ist, fst, skipped):
+def _remedy_step(step, start, table, base, g, w, s0, s1, s2, p, flags, unscale, rem, ist, fst, skipped):
     """Links 3-10 of the step after the gradient ``g`` (C values) for a policy with remedies; returns the
     divergence rule's verdict (True for a skipped step). Dynamic loss scaling checks the whole unscaled gradient
     before any element is updated, updates the scale (``step_rules.scaler_update``, float32) and skips the step on
@@ -215,12 +220,12 @@ def _remedy_step(step, table, g, w, s0, s1, s2, p, flags, unscale, rem, ist, fst
             fst[0] = grown
         ist[1] = 0 if (not finite or at_interval) else successful
         if not finite and iflags[_R_SKIP]:
-            skipped[step] = 1
+            skipped[step - start] = 1
             return True
         unscale = 1.0  # g holds the unscaled gradient in U: rnd(g, U) * 1 is exact
     applied = ist[0]
     ist[0] = applied + 1
-    return apply_remedies(step, applied + 1, table[applied], g, w, s0, s1, s2, p, flags, unscale, rem)
+    return apply_remedies(step, applied + 1, table[applied - base], g, w, s0, s1, s2, p, flags, unscale, rem)
 
 
 @numba.njit(**JIT)
@@ -245,14 +250,15 @@ def _gather(X, rows, Xb, XbT, accum64):
 def run_linear(start, stop, logistic, X, XT, T, batches, Xb, XbT, Tb, pc, g, work, accum64, scale, table, w, s0,
                s1, p, codes, flags, unscale, s2, rem, ist, fst, skipped):
     """Steps start+1 .. stop of linreg / logreg. X (the data with a column of ones), XT (the data transposed), Xb,
-    XbT are (float32, float64) pairs; ``batches`` (steps, B) row indices, or shape (0, 0) for full batch (then X,
-    XT, T are used directly)."""
+    XbT are (float32, float64) pairs; ``batches`` the chunk's (stop - start, B) row indices, or shape (0, 0) for full
+    batch (then X, XT, T are used directly)."""
     full = batches.shape[0] == 0
+    base = ist[0]  # applied updates before this chunk: row 0 of a remedy policy's table window
     for step in range(start + 1, stop + 1):
         if full:
             xb, xbt, tb = X, XT, T
         else:
-            rows = batches[step - 1]
+            rows = batches[step - 1 - start]
             _gather(X, rows, Xb, XbT, accum64)
             for i in range(rows.size):
                 Tb[i] = T[rows[i]]
@@ -263,9 +269,10 @@ def run_linear(start, stop, logistic, X, XT, T, batches, Xb, XbT, Tb, pc, g, wor
             seed = _dynamic_seed(scale, rem, fst)
         grad_linear(logistic, pc, xb, xbt, tb, seed, codes[0], accum64, work, g)
         if rem is None:
-            if not apply_update(step, table[step - 1], g, w, s0, s1, p, codes, flags, unscale):
+            if not apply_update(step, table[step - 1 - start], g, w, s0, s1, p, codes, flags, unscale):
                 return step
-        elif not _remedy_step(step, table, g, w, s0, s1, s2, p, flags, unscale, rem, ist, fst, skipped):
+        elif not _remedy_step(step, start, table, base, g, w, s0, s1, s2, p, flags, unscale, rem, ist, fst,
+                              skipped):
             return step
     return 0
 
@@ -274,7 +281,7 @@ def run_linear(start, stop, logistic, X, XT, T, batches, Xb, XbT, Tb, pc, g, wor
 def _classifier_batch(step, X, XT, T, batches, Xb, XbT, Tb, accum64):
     if batches.shape[0] == 0:
         return X, XT, T
-    rows = batches[step - 1]
+    rows = batches[step - 1]  # step: counted from the chunk's start
     _gather(X, rows, Xb, XbT, accum64)
     for i in range(rows.size):
         for c in range(T.shape[1]):
@@ -286,17 +293,19 @@ def _classifier_batch(step, X, XT, T, batches, Xb, XbT, Tb, accum64):
 def run_softmax(start, stop, X, XT, T, batches, Xb, XbT, Tb, pc, g, work, accum64, scale, table, w, s0, s1, p,
                 codes, flags, unscale, s2, rem, ist, fst, skipped):
     """Steps start+1 .. stop of softmax regression (T: one-hot rows)."""
+    base = ist[0]  # applied updates before this chunk: row 0 of a remedy policy's table window
     for step in range(start + 1, stop + 1):
-        xb, xbt, tb = _classifier_batch(step, X, XT, T, batches, Xb, XbT, Tb, accum64)
+        xb, xbt, tb = _classifier_batch(step - start, X, XT, T, batches, Xb, XbT, Tb, accum64)
         _to_compute(p, pc, codes[0])
         seed = scale
         if rem is not None:  # pruned at compile time: rem is None for a policy without remedies
             seed = _dynamic_seed(scale, rem, fst)
         grad_softmax(pc, xb, xbt, tb, seed, codes[0], accum64, work, g)
         if rem is None:
-            if not apply_update(step, table[step - 1], g, w, s0, s1, p, codes, flags, unscale):
+            if not apply_update(step, table[step - 1 - start], g, w, s0, s1, p, codes, flags, unscale):
                 return step
-        elif not _remedy_step(step, table, g, w, s0, s1, s2, p, flags, unscale, rem, ist, fst, skipped):
+        elif not _remedy_step(step, start, table, base, g, w, s0, s1, s2, p, flags, unscale, rem, ist, fst,
+                              skipped):
             return step
     return 0
 
@@ -305,17 +314,19 @@ def run_softmax(start, stop, X, XT, T, batches, Xb, XbT, Tb, pc, g, work, accum6
 def run_mlp(start, stop, X, XT, T, batches, Xb, XbT, Tb, pc, g, work, accum64, scale, table, w, s0, s1, p, codes,
             flags, unscale, s2, rem, ist, fst, skipped):
     """Steps start+1 .. stop of the one-hidden-layer MLP (T: one-hot rows)."""
+    base = ist[0]  # applied updates before this chunk: row 0 of a remedy policy's table window
     for step in range(start + 1, stop + 1):
-        xb, xbt, tb = _classifier_batch(step, X, XT, T, batches, Xb, XbT, Tb, accum64)
+        xb, xbt, tb = _classifier_batch(step - start, X, XT, T, batches, Xb, XbT, Tb, accum64)
         _to_compute(p, pc, codes[0])
         seed = scale
         if rem is not None:  # pruned at compile time: rem is None for a policy without remedies
             seed = _dynamic_seed(scale, rem, fst)
-        grad_mlp(pc, xb, xbt, tb, seed, codes[0], accum64, work, g)
+        grad_any_mlp(pc, xb, xbt, tb, seed, codes[0], accum64, work, g)
         if rem is None:
-            if not apply_update(step, table[step - 1], g, w, s0, s1, p, codes, flags, unscale):
+            if not apply_update(step, table[step - 1 - start], g, w, s0, s1, p, codes, flags, unscale):
                 return step
-        elif not _remedy_step(step, table, g, w, s0, s1, s2, p, flags, unscale, rem, ist, fst, skipped):
+        elif not _remedy_step(step, start, table, base, g, w, s0, s1, s2, p, flags, unscale, rem, ist, fst,
+                              skipped):
             return step
     return 0
 
@@ -345,10 +356,11 @@ def _round_sum(ga, g, cc):
 def run_linear_accum(start, stop, logistic, X, T, schedule, full, parts, Xbs, XbTs, Tbs, works, pc, gm, ga, g,
                      accum64, ca, scale, table, w, s0, s1, p, codes, flags, unscale, s2, rem, ist, fst, skipped):
     """Steps start+1 .. stop of linreg / logreg with K = parts.shape[0] micro-batches per step. ``schedule``: the
-    steps' rows (steps, B), or (1, n) with ``full`` (the full batch, row i at position i); ``parts`` (K, 3):
+    chunk's rows (stop - start, B), or (1, n) with ``full`` (the full batch, row i at position i); ``parts`` (K, 3):
     start, stop within the step's rows and the scratch slot (0 or 1) of each micro-batch."""
+    base = ist[0]  # applied updates before this chunk: row 0 of a remedy policy's table window
     for step in range(start + 1, stop + 1):
-        batch_rows = schedule[0] if full else schedule[step - 1]
+        batch_rows = schedule[0] if full else schedule[step - 1 - start]
         _to_compute(p, pc, codes[0])
         seed = scale
         if rem is not None:  # pruned at compile time: rem is None for a policy without remedies
@@ -364,9 +376,10 @@ def run_linear_accum(start, stop, logistic, X, T, schedule, full, parts, Xbs, Xb
             _accumulate(k, gm, ga, ca)
         _round_sum(ga, g, codes[0])
         if rem is None:
-            if not apply_update(step, table[step - 1], g, w, s0, s1, p, codes, flags, unscale):
+            if not apply_update(step, table[step - 1 - start], g, w, s0, s1, p, codes, flags, unscale):
                 return step
-        elif not _remedy_step(step, table, g, w, s0, s1, s2, p, flags, unscale, rem, ist, fst, skipped):
+        elif not _remedy_step(step, start, table, base, g, w, s0, s1, s2, p, flags, unscale, rem, ist, fst,
+                              skipped):
             return step
     return 0
 
@@ -383,8 +396,9 @@ def _classifier_micro_batch(X, T, rows, Xb, XbT, Tb, accum64):
 def run_softmax_accum(start, stop, X, T, schedule, full, parts, Xbs, XbTs, Tbs, works, pc, gm, ga, g, accum64, ca,
                       scale, table, w, s0, s1, p, codes, flags, unscale, s2, rem, ist, fst, skipped):
     """Steps start+1 .. stop of softmax regression with micro-batches (see :func:`run_linear_accum`)."""
+    base = ist[0]  # applied updates before this chunk: row 0 of a remedy policy's table window
     for step in range(start + 1, stop + 1):
-        batch_rows = schedule[0] if full else schedule[step - 1]
+        batch_rows = schedule[0] if full else schedule[step - 1 - start]
         _to_compute(p, pc, codes[0])
         seed = scale
         if rem is not None:  # pruned at compile time: rem is None for a policy without remedies
@@ -397,9 +411,10 @@ def run_softmax_accum(start, stop, X, T, schedule, full, parts, Xbs, XbTs, Tbs, 
             _accumulate(k, gm, ga, ca)
         _round_sum(ga, g, codes[0])
         if rem is None:
-            if not apply_update(step, table[step - 1], g, w, s0, s1, p, codes, flags, unscale):
+            if not apply_update(step, table[step - 1 - start], g, w, s0, s1, p, codes, flags, unscale):
                 return step
-        elif not _remedy_step(step, table, g, w, s0, s1, s2, p, flags, unscale, rem, ist, fst, skipped):
+        elif not _remedy_step(step, start, table, base, g, w, s0, s1, s2, p, flags, unscale, rem, ist, fst,
+                              skipped):
             return step
     return 0
 
@@ -408,8 +423,9 @@ def run_softmax_accum(start, stop, X, T, schedule, full, parts, Xbs, XbTs, Tbs, 
 def run_mlp_accum(start, stop, X, T, schedule, full, parts, Xbs, XbTs, Tbs, works, pc, gm, ga, g, accum64, ca,
                   scale, table, w, s0, s1, p, codes, flags, unscale, s2, rem, ist, fst, skipped):
     """Steps start+1 .. stop of the MLP with micro-batches (see :func:`run_linear_accum`)."""
+    base = ist[0]  # applied updates before this chunk: row 0 of a remedy policy's table window
     for step in range(start + 1, stop + 1):
-        batch_rows = schedule[0] if full else schedule[step - 1]
+        batch_rows = schedule[0] if full else schedule[step - 1 - start]
         _to_compute(p, pc, codes[0])
         seed = scale
         if rem is not None:  # pruned at compile time: rem is None for a policy without remedies
@@ -418,12 +434,13 @@ def run_mlp_accum(start, stop, X, T, schedule, full, parts, Xbs, XbTs, Tbs, work
             slot = parts[k, 2]
             Xb, XbT, Tb = Xbs[slot], XbTs[slot], Tbs[slot]
             _classifier_micro_batch(X, T, batch_rows[parts[k, 0]:parts[k, 1]], Xb, XbT, Tb, accum64)
-            grad_mlp(pc, Xb, XbT, Tb, seed, codes[0], accum64, works[slot], gm)
+            grad_any_mlp(pc, Xb, XbT, Tb, seed, codes[0], accum64, works[slot], gm)
             _accumulate(k, gm, ga, ca)
         _round_sum(ga, g, codes[0])
         if rem is None:
-            if not apply_update(step, table[step - 1], g, w, s0, s1, p, codes, flags, unscale):
+            if not apply_update(step, table[step - 1 - start], g, w, s0, s1, p, codes, flags, unscale):
                 return step
-        elif not _remedy_step(step, table, g, w, s0, s1, s2, p, flags, unscale, rem, ist, fst, skipped):
+        elif not _remedy_step(step, start, table, base, g, w, s0, s1, s2, p, flags, unscale, rem, ist, fst,
+                              skipped):
             return step
     return 0

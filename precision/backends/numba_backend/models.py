@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from numba import types
+from numba.extending import overload
+from numba.typed import List
 
-from ...problems import HIDDEN_UNITS
+from ...problems import HIDDEN_UNITS, get_problem
 from .linalg import matmul_acc, ones_pair, pair, stage
 from .ops import exp_c, sigmoid_inplace, tanh_c
 from .rounding import JIT, like, rnd
 
-__all__ = ["grad_linear", "grad_softmax", "grad_mlp", "make_work", "linear_width"]
+__all__ = ["grad_linear", "grad_softmax", "grad_mlp", "grad_deep_mlp", "grad_any_mlp", "make_work", "linear_width"]
 
 
 def linear_width(features: int) -> int:
@@ -33,9 +36,44 @@ def linear_width(features: int) -> int:
     return -(-(features + 1) // 8) * 8
 
 
+def _pair_lists(shapes, accum64: bool):
+    """(float32 list, float64 list) of pairs' members: numba typed Lists, one entry per shape."""
+    f32, f64 = List(), List()
+    for shape in shapes:
+        a32, a64 = pair(shape, accum64)
+        f32.append(a32)
+        f64.append(a64)
+    return f32, f64
+
+
+def make_deep_work(hidden: tuple, relu: bool, batch: int, features: int, classes: int, accum64: bool) -> tuple:
+    """Scratch arrays of :func:`grad_deep_mlp`: per hidden layer i its activations H_i (B x n_i), the delta at
+    its output (B x n_i) and their operand pairs (H_i, H_i.T, delta_i), per weight matrix its operand pairs (W_i
+    and W_i.T), the layer sizes (d, n_1 .. n_L, k) and the softmax's scratch."""
+    b, k = batch, classes
+    sizes = (features,) + tuple(hidden) + (classes,)
+    H, D = List(), List()
+    for n in hidden:
+        H.append(np.zeros((b, n)))
+        D.append(np.zeros((b, n)))
+    H_op = _pair_lists([(b, n) for n in hidden], accum64)
+    HT_op = _pair_lists([(n, b) for n in hidden], accum64)
+    D_op = _pair_lists([(b, n) for n in hidden], accum64)
+    W_op = _pair_lists([(sizes[i], sizes[i + 1]) for i in range(len(sizes) - 1)], accum64)
+    WT_op = _pair_lists([(sizes[i + 1], sizes[i]) for i in range(len(sizes) - 1)], accum64)
+    acc = pair((max(b, max(sizes) + 1),), accum64)
+    Z = np.zeros((b, k))
+    softmax = (np.zeros((b, 1)), pair((b, k), accum64), ones_pair((k, 1), accum64), ones_pair((1, b), accum64))
+    return (H, D, H_op, HT_op, D_op, W_op, WT_op, np.array(sizes, dtype=np.int64), bool(relu), Z, acc) + softmax
+
+
 def make_work(problem: str, batch: int, features: int, classes: int, accum64: bool) -> tuple:
     """Scratch arrays for one problem's gradient (allocated once per run): float64 carriers, and (float32,
-    float64) pairs for matrix-product operands, ones vectors and the accumulator row."""
+    float64) pairs for matrix-product operands, ones vectors and the accumulator row. A named MLP
+    (``mlp-WIDTHS[-relu]``) gets :func:`make_deep_work`'s."""
+    if problem not in ("linreg", "logreg", "softmax", "mlp"):
+        prob = get_problem(problem)
+        return make_deep_work(prob.hidden, prob.activation == "relu", batch, features, classes, accum64)
     b, d, k, h = batch, features, classes, HIDDEN_UNITS
     acc = pair((max(b, d + 1, k, h),), accum64)
     if problem in ("linreg", "logreg"):
@@ -150,3 +188,105 @@ def grad_mlp(pc, Xb, XbT, Tb, scale, cc, accum64, work, g):
     stage(dA, dA_op, accum64)
     matmul_acc(XbT, dA_op, acc, g[:o_b1].reshape((d, h)), cc, accum64)
     matmul_acc(ones_b, dA_op, acc, g[o_b1:o_w2].reshape((1, h)), cc, accum64)
+
+
+@numba.njit(**JIT)
+def _activate(A, relu, cc):
+    """In place: relu max(A, 0) (exact; NaN stays NaN, -0 gives +0, as numpy's maximum), or tanh by the format's
+    rule."""
+    for i in range(A.shape[0]):
+        for j in range(A.shape[1]):
+            a = A[i, j]
+            if relu:
+                A[i, j] = a if (a > 0 or a != a) else 0.0
+            else:
+                A[i, j] = tanh_c(a, cc)
+
+
+@numba.njit(**JIT)
+def _activation_backward(dH, H, relu, cc):
+    """In place: dH * act'(H), numpy's ops: relu' as dH * sign(H) (H >= 0: 1, 0 at 0, NaN for NaN), tanh' as
+    dH * (1 - H*H), each op rounded."""
+    for i in range(dH.shape[0]):
+        for j in range(dH.shape[1]):
+            h = H[i, j]
+            if relu:
+                s = 1.0 if h > 0 else (0.0 if h == 0 else h)
+                dH[i, j] = rnd(dH[i, j] * s, cc)
+            else:
+                dH[i, j] = rnd(dH[i, j] * rnd(1.0 - rnd(h * h, cc), cc), cc)
+
+
+@numba.njit(**JIT)
+def grad_deep_mlp(pc, Xb, XbT, Tb, scale, cc, accum64, work, g):
+    """An MLP of L hidden layers (``mlp-WIDTHS[-relu]``): H_i = act(rnd(H_{i-1} W_i) + b_i), Z = rnd(H_L W) + b,
+    delta = (softmax(Z) - T) * scale; then from the last layer down: gW_i = H_{i-1}.T delta, gb_i = column sums of
+    delta, delta_{i-1} = (delta W_i.T) * act'(H_{i-1}). The operations and their order are array_math.gradient's,
+    each product summed in ascending k in the accumulator and rounded once (as :func:`grad_mlp`)."""
+    H, D, H_op, HT_op, D_op, W_op, WT_op, sizes, relu, Z, acc, sums, Z_op, ones_k, ones_b = work
+    layers = sizes.size - 1  # weight matrices: L + 1
+    offsets = np.zeros(2 * layers + 1, dtype=np.int64)  # W_1, b_1, W_2, ... in the flat vector
+    at = 0
+    for i in range(layers):
+        offsets[2 * i] = at
+        at += sizes[i] * sizes[i + 1]
+        offsets[2 * i + 1] = at
+        at += sizes[i + 1]
+    offsets[2 * layers] = at
+    # forward
+    for i in range(layers):
+        n_in, n_out = sizes[i], sizes[i + 1]
+        W = pc[offsets[2 * i]:offsets[2 * i + 1]].reshape((n_in, n_out))
+        b = pc[offsets[2 * i + 1]:offsets[2 * i + 2]]
+        W_pair = (W_op[0][i], W_op[1][i])
+        stage(W, W_pair, accum64)
+        out = Z if i == layers - 1 else H[i]
+        if i == 0:
+            matmul_acc(Xb, W_pair, acc, out, cc, accum64)
+        else:
+            matmul_acc((H_op[0][i - 1], H_op[1][i - 1]), W_pair, acc, out, cc, accum64)
+        _add_bias(out, b, cc)
+        if i < layers - 1:
+            _activate(out, relu, cc)
+            stage(out, (H_op[0][i], H_op[1][i]), accum64)
+    _softmax_delta(Z, Tb, scale, cc, accum64, sums, Z_op, ones_k, acc)
+    stage(Z, Z_op, accum64)
+    # backward: delta's operand is Z_op for the last layer, D_op[i - 1] below it
+    for i in range(layers - 1, -1, -1):
+        n_in, n_out = sizes[i], sizes[i + 1]
+        delta_pair = Z_op if i == layers - 1 else (D_op[0][i], D_op[1][i])
+        gW = g[offsets[2 * i]:offsets[2 * i + 1]].reshape((n_in, n_out))
+        gb = g[offsets[2 * i + 1]:offsets[2 * i + 2]].reshape((1, n_out))
+        if i == 0:
+            matmul_acc(XbT, delta_pair, acc, gW, cc, accum64)
+        else:
+            HT_pair = (HT_op[0][i - 1], HT_op[1][i - 1])
+            stage(H[i - 1].T, HT_pair, accum64)
+            matmul_acc(HT_pair, delta_pair, acc, gW, cc, accum64)
+        matmul_acc(ones_b, delta_pair, acc, gb, cc, accum64)
+        if i == 0:
+            break
+        WT_pair = (WT_op[0][i], WT_op[1][i])
+        stage(pc[offsets[2 * i]:offsets[2 * i + 1]].reshape((n_in, n_out)).T, WT_pair, accum64)
+        dH = D[i - 1]
+        matmul_acc(delta_pair, WT_pair, acc, dH, cc, accum64)  # delta @ W_i.T
+        _activation_backward(dH, H[i - 1], relu, cc)
+        stage(dH, (D_op[0][i - 1], D_op[1][i - 1]), accum64)
+
+
+def grad_any_mlp(pc, Xb, XbT, Tb, scale, cc, accum64, work, g):
+    """:func:`grad_mlp` for the one-layer ``mlp``'s work tuple, :func:`grad_deep_mlp` for a named MLP's (its first
+    member a typed List): picked at compile time, so the loops serve both."""
+    raise NotImplementedError("grad_any_mlp is only callable from numba-compiled code")
+
+
+@overload(grad_any_mlp, inline="always", jit_options=JIT)
+def _grad_any_mlp(pc, Xb, XbT, Tb, scale, cc, accum64, work, g):
+    if isinstance(work, types.BaseTuple) and isinstance(work[0], types.ListType):
+        def deep(pc, Xb, XbT, Tb, scale, cc, accum64, work, g):
+            grad_deep_mlp(pc, Xb, XbT, Tb, scale, cc, accum64, work, g)
+        return deep
+
+    def one(pc, Xb, XbT, Tb, scale, cc, accum64, work, g):
+        grad_mlp(pc, Xb, XbT, Tb, scale, cc, accum64, work, g)
+    return one

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...data import Dataset
+from ...data import Dataset, blocks
 from ...formats import Format, get_format, to_format
 from ...policy import Policy
+from ...problems import get_problem
 from ...spec import RunSpec
 from ...trajectory import Trajectory
 from ...stochastic import round_stochastic
@@ -23,7 +24,7 @@ __all__ = ["BACKEND", "NumpyBackend", "targets_for"]
 
 def targets_for(dataset: Dataset, y: np.ndarray) -> np.ndarray:
     """Regression targets, 0/1 labels, or one-hot rows (float64), as the problem's loss wants them."""
-    if dataset.problem in ("softmax", "mlp"):
+    if get_problem(dataset.problem).task == "multiclass":  # softmax and every MLP
         return np.eye(dataset.classes)[y.astype(np.int64)]
     return np.asarray(y, dtype=np.float64)
 
@@ -54,7 +55,7 @@ class NumpyBackend:
         T = convert(targets_for(dataset, dataset.y_train), _FP64, pol.compute)
         scale = compute.scalar(scalars.seed_scale)  # exact: the value is already rounded to C
         unscale = None if scalars.unscale is None else to_format(scalars.unscale, pol.update)[()]
-        table = scalars.table.astype(pol.update.dtype)  # exact: rounded to U by scalar_table
+        table = scalars.table  # rows made per chunk (optim.ScalarTable): memory does not grow with steps
         store_state = state_store(convert, pol)
         weights, params, state = initial_values(dataset.init_params, pol, spec.optimizer)
         dynamic = pol.dynamic_scale
@@ -65,10 +66,23 @@ class NumpyBackend:
         box = {"weights": weights, "params": params, "state": state, "applied": 0}
 
         def run_chunk(start: int, stop: int):
+            for lo, hi in blocks(start, stop):  # bounded memory: a block's rows at a time (data.SCHEDULE_BLOCK)
+                bad = run_block(lo, hi)
+                if bad is not None:
+                    return bad
+            return None
+
+        def run_block(start: int, stop: int):
             w, p, st, applied = box["weights"], box["params"], box["state"], box["applied"]
+            # the block's batch rows (steps start+1 .. stop) and scalar rows (applied-update counts applied+1 ..
+            # applied + stop - start: the count never runs ahead of the step), made from the seed now
+            chunk_rows = dataset.batch_rows(start, stop)
+            base = applied
+            chunk_table = table.rows(base, base + stop - start).astype(pol.update.dtype)  # exact: rounded to U
             with np.errstate(all="ignore"):  # overflow and NaN are results here, reported as diverged_at
                 for step in range(start + 1, stop + 1):
-                    rows, row, t = dataset.batch(step), table[applied], applied + 1
+                    rows = slice(None) if chunk_rows is None else chunk_rows[step - 1 - start]
+                    row, t = chunk_table[applied - base], applied + 1
                     seed = dynamic_seed(convert, pol, scale, log.state.scale) if dynamic else scale
                     step_unscale = dynamic_unscale(np, convert, pol, log.state.scale) if dynamic else unscale
                     if len(bounds) == 1:

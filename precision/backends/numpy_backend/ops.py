@@ -133,6 +133,11 @@ class FormatOps:
         # round once, which every backend can reproduce exactly. Emulated formats: always so.
         self._wide_transcendentals = fmt.precision < _FP32.precision or fmt.emulated
 
+    def relu(self, A):
+        """max(A, 0): exact in every format (NaN stays NaN, -0 gives +0), one ufunc (emulated arrays keep their
+        format)."""
+        return np.maximum(A, np.zeros((), dtype=A.dtype))
+
     def scalar(self, value: float):
         """A typed scalar of this format (one correct rounding from float64)."""
         if self.fmt.emulated:
