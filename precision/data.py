@@ -10,6 +10,7 @@ import threading
 
 import numpy as np
 
+from ._lazy_rows import LazyRows
 from .errors import SpecError, choice_error
 from .problems import PROBLEMS, Problem, get_problem
 
@@ -248,7 +249,7 @@ def batch_schedule(rng: np.random.Generator, n_train: int, steps: int, batch_siz
     return batches
 
 
-class BatchSchedule:
+class BatchSchedule(LazyRows):
     """The (steps, batch_size) int64 schedule of :func:`batch_schedule`, made lazily: the same rows from the same
     random draws (one permutation of the train split per epoch, from the generator's state after the init draw, its
     ragged tail dropped), but only the epochs a caller asks for, so memory does not grow with steps.
@@ -306,9 +307,6 @@ class BatchSchedule:
     def epochs(self) -> int:
         return -(-self.steps // self.per_epoch)
 
-    def __len__(self) -> int:
-        return self.steps
-
     def _epoch_rows(self, epoch: int) -> np.ndarray:
         if epoch == self._epoch:
             return self._perm
@@ -342,20 +340,6 @@ class BatchSchedule:
                 at += take
         return out
 
-    def __getitem__(self, key):
-        if isinstance(key, (int, np.integer)):
-            index = int(key) + self.steps if key < 0 else int(key)
-            if not 0 <= index < self.steps:
-                raise IndexError(f"step index {key} is outside the schedule of {self.steps} steps")
-            return self.rows(index, index + 1)[0]
-        if isinstance(key, slice) and key.step in (None, 1):
-            start, stop, _ = key.indices(self.steps)
-            return self.rows(start, max(start, stop))
-        return np.asarray(self)[key]
-
-    def __array__(self, dtype=None, copy=None):
-        out = self.rows(0, self.steps)
-        return out if dtype is None else out.astype(dtype)
 
     def min(self):
         return np.asarray(self).min()

@@ -38,6 +38,7 @@ import math
 
 import numpy as np
 
+from ._lazy_rows import LazyRows
 from .errors import SpecError, choice_error
 from .formats import Format, round_to
 
@@ -146,7 +147,7 @@ def scalar_rows(opt: OptimizerSpec, start: int, stop: int, fmt: Format) -> np.nd
     return round_to(table, fmt)
 
 
-class ScalarTable:
+class ScalarTable(LazyRows):
     """:func:`scalar_table` of a run, made a chunk at a time: ``rows(start, stop)`` (float64, rounded to the update
     format), ``table[i]`` the row of step i + 1. Nothing is held, so memory does not grow with steps."""
 
@@ -157,24 +158,9 @@ class ScalarTable:
     def shape(self) -> tuple[int, int]:
         return (self.steps, len(SCALAR_COLUMNS))
 
-    def __len__(self) -> int:
-        return self.steps
-
     def rows(self, start: int, stop: int) -> np.ndarray:
         """Rows start .. stop - 1 (steps, or applied-update counts, start+1 .. stop); 0 <= start <= stop <= steps."""
         if not 0 <= start <= stop <= self.steps:
             raise IndexError(f"scalar rows {start}..{stop} are outside the table's 0..{self.steps}")
         return scalar_rows(self.opt, start, stop, self.fmt)
 
-    def __getitem__(self, key):
-        if isinstance(key, (int, np.integer)):
-            index = int(key) + self.steps if key < 0 else int(key)
-            return self.rows(index, index + 1)[0]
-        if isinstance(key, slice) and key.step in (None, 1):
-            start, stop, _ = key.indices(self.steps)
-            return self.rows(start, max(start, stop))
-        return np.asarray(self)[key]
-
-    def __array__(self, dtype=None, copy=None):
-        out = self.rows(0, self.steps)
-        return out if dtype is None else out.astype(dtype)
