@@ -11,7 +11,10 @@ paid by ``warm_up`` in setup, before the clock, and tracked separately by ``Comp
 
 from __future__ import annotations
 
-from precision.benchcases import CASE_PROBLEMS, frozen_dataset
+import timeit
+
+from precision.backends import backend_availability
+from precision.benchcases import CASE_BACKENDS, CASE_PROBLEMS, LARGE_POLICIES, LARGE_STEPS, frozen_dataset, large_spec
 from precision.peers import LOOP_PEERS, loop_peer, loop_peer_skip_reason
 from precision.runner import train
 
@@ -76,3 +79,25 @@ class PeerTrainStep:
 
 
 _PEERS: dict = {}
+
+
+class LargeModelStep:
+    """Seconds per step of a model of more than 1e5 parameters (``precision.benchcases.LARGE_PROBLEM``, Adam,
+    LARGE_STEPS steps per call, compile paid in setup): where the matrix products, and numba's fixed summation order,
+    dominate the step."""
+
+    params = [list(LARGE_POLICIES), list(CASE_BACKENDS)]
+    param_names = ["policy", "backend"]
+    timer = staticmethod(lambda: timeit.default_timer() / LARGE_STEPS)
+    timeout = 300
+
+    def setup(self, policy, backend):
+        availability = backend_availability(backend, "cpu")
+        if not availability.available:
+            raise NotImplementedError(availability.reason)
+        self.spec = large_spec(policy, backend)
+        self.dataset = frozen_dataset(self.spec)
+        warm_up(self.spec, self.dataset)
+
+    def time_train_step(self, policy, backend):
+        train(self.spec, self.dataset)

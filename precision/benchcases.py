@@ -31,6 +31,7 @@ from .runner import dataset_for, run
 from .spec import RunSpec
 
 __all__ = ["CASE_PROBLEMS", "CASE_OPTIMIZERS", "CASE_POLICIES", "CASE_BACKENDS", "CASE_STEPS", "ONLY_ENV",
+           "LARGE_PROBLEM", "LARGE_POLICIES", "LARGE_STEPS", "large_spec",
            "BenchCase", "CaseFigures", "cases", "get_case", "skip_reason", "frozen_dataset", "measure"]
 
 CASE_PROBLEMS = ("logreg:breast_cancer", "mlp:digits")  # a convex model and a hidden-layer one, real data
@@ -40,6 +41,11 @@ CASE_BACKENDS = tuple(BACKENDS)
 CASE_STEPS = 200
 CASE_RECORD_EVERY = 20
 ONLY_ENV = "PRECISION_BENCH_CASES"
+# A model of more than 1e5 parameters (64*512 + 512 + 512*256 + 256 + 256*10 + 10 = 167178 on digits): the whole-
+# loop cost where the matrix products dominate. Fewer steps than the grid's, so that a sample stays near a second.
+LARGE_PROBLEM = "mlp-512x256:digits"
+LARGE_POLICIES = ("fp32", "bf16-mixed")
+LARGE_STEPS = 20
 # The drift gate's threshold: the one asv.conf.json's regressions_thresholds gives the drift figures, so the two
 # tools flag the same changes. Drift is deterministic on one machine and set of dependencies; 1% is far above what
 # the same code gives there (nothing) and far below what a changed rounding gives (Adam's moments rounded to bf16
@@ -67,6 +73,14 @@ class BenchCase:
     def numpy_counterpart(self) -> "BenchCase":
         """The same case on the numpy backend: what the cross-backend distance is measured against."""
         return dataclasses.replace(self, backend="numpy")
+
+
+def large_spec(policy: str, backend: str) -> RunSpec:
+    """The large-model case: Adam on LARGE_PROBLEM for LARGE_STEPS steps, batch 128, recorded at the end only."""
+    problem, data = LARGE_PROBLEM.split(":")
+    (spec,) = build_specs([problem], ["adam"], [policy], backends=(backend,), data=(data,), steps=LARGE_STEPS,
+                          record_every=LARGE_STEPS)
+    return spec
 
 
 def cases() -> tuple[BenchCase, ...]:

@@ -34,6 +34,8 @@ import time
 import numpy as np
 import pytest
 
+from precision.backends import backend_availability
+from precision.benchcases import (CASE_BACKENDS, LARGE_POLICIES, LARGE_PROBLEM, LARGE_STEPS, large_spec)
 from precision.benchcases import (CASE_PROBLEMS, CASE_STEPS, BenchCase, cases, drift_regressions, frozen_dataset,
                                   get_case, skip_reason)
 from precision.drift import MAX_BITS, bits_of_agreement, compare, fingerprint, rel_l2
@@ -142,3 +144,31 @@ def test_peer_train(benchmark, problem, peer, trained):
     distance = rel_l2(final, np.asarray(ours, dtype=np.float64))
     benchmark.extra_info.update(rel_l2_to_numpy_fp32=distance)
     assert distance <= 1e-4, f"{peer} on {problem}: rel_l2 {distance:.3g} from precision's fp32 run"
+
+
+def seconds_per_large_step() -> float:
+    return time.perf_counter() / LARGE_STEPS
+
+
+@pytest.mark.benchmark(group=f"train, per step, {LARGE_PROBLEM} ({LARGE_STEPS}-step call)",
+                       timer=seconds_per_large_step)
+@pytest.mark.parametrize("policy", LARGE_POLICIES)
+@pytest.mark.parametrize("backend", CASE_BACKENDS)
+def test_large_model_step(benchmark, policy, backend):
+    """A model of more than 1e5 parameters (LARGE_PROBLEM, Adam): where the matrix products dominate the step.
+    Asserted: it trains (no divergence), every round to the same params (the run is deterministic)."""
+    availability = backend_availability(backend, "cpu")
+    if not availability.available:
+        pytest.skip(availability.reason)
+    spec = large_spec(policy, backend)
+    assert sum(int(np.prod(shape)) for _, shape in frozen_dataset(spec).layout) > 100_000
+    dataset = frozen_dataset(spec)
+    seen = set()
+
+    def call():
+        trajectory = train(spec, dataset)
+        seen.add(fingerprint(trajectory.final_params))
+        return trajectory
+
+    trajectory = benchmark.pedantic(call, rounds=2, warmup_rounds=1, iterations=1)
+    assert trajectory.diverged_at is None and len(seen) == 1
