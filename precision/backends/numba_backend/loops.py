@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from numba import types
 from numba.extending import overload
 
 from ..step_rules import SR_WEIGHTS_TENSOR, sr_state_tensor
@@ -228,6 +229,38 @@ def _remedy_step(step, start, table, base, g, w, s0, s1, s2, p, flags, unscale, 
     return apply_remedies(step, applied + 1, table[applied - base], g, w, s0, s1, s2, p, flags, unscale, rem)
 
 
+def step_seed(scale, rem, fst):
+    """The step's seed scale: ``scale`` for a policy without remedies (``rem`` None), else :func:`_dynamic_seed`
+    (decided at compile time from ``rem``'s type, so the loops of other policies compile as before the remedies)."""
+    raise NotImplementedError("step_seed is only callable from numba-compiled code")
+
+
+@overload(step_seed, jit_options=JIT, inline="always")
+def _step_seed(scale, rem, fst):
+    if isinstance(rem, types.NoneType):
+        return lambda scale, rem, fst: scale
+    return lambda scale, rem, fst: _dynamic_seed(scale, rem, fst)
+
+
+def update_step(step, start, table, base, g, w, s0, s1, s2, p, codes, flags, unscale, rem, ist, fst, skipped):
+    """Links 3-10 after the gradient ``g``, the same in every loop: :func:`apply_update` with the chunk's scalar row
+    for a policy without remedies (``rem`` None), else :func:`_remedy_step`; returns the divergence rule's verdict.
+    Decided at compile time from ``rem``'s type."""
+    raise NotImplementedError("update_step is only callable from numba-compiled code")
+
+
+@overload(update_step, jit_options=JIT, inline="always")
+def _update_step(step, start, table, base, g, w, s0, s1, s2, p, codes, flags, unscale, rem, ist, fst, skipped):
+    if isinstance(rem, types.NoneType):
+        def plain(step, start, table, base, g, w, s0, s1, s2, p, codes, flags, unscale, rem, ist, fst, skipped):
+            return apply_update(step, table[step - 1 - start], g, w, s0, s1, p, codes, flags, unscale)
+        return plain
+
+    def remedies(step, start, table, base, g, w, s0, s1, s2, p, codes, flags, unscale, rem, ist, fst, skipped):
+        return _remedy_step(step, start, table, base, g, w, s0, s1, s2, p, flags, unscale, rem, ist, fst, skipped)
+    return remedies
+
+
 @numba.njit(**JIT)
 def _gather(X, rows, Xb, XbT, accum64):
     """The batch's rows of the data pair X into the active members of Xb (all columns) and XbT (its first d
@@ -264,15 +297,10 @@ def run_linear(start, stop, logistic, X, XT, T, batches, Xb, XbT, Tb, pc, g, wor
                 Tb[i] = T[rows[i]]
             xb, xbt, tb = Xb, XbT, Tb
         _to_compute(p, pc, codes[0])
-        seed = scale
-        if rem is not None:  # pruned at compile time: rem is None for a policy without remedies
-            seed = _dynamic_seed(scale, rem, fst)
+        seed = step_seed(scale, rem, fst)
         grad_linear(logistic, pc, xb, xbt, tb, seed, codes[0], accum64, work, g)
-        if rem is None:
-            if not apply_update(step, table[step - 1 - start], g, w, s0, s1, p, codes, flags, unscale):
-                return step
-        elif not _remedy_step(step, start, table, base, g, w, s0, s1, s2, p, flags, unscale, rem, ist, fst,
-                              skipped):
+        if not update_step(step, start, table, base, g, w, s0, s1, s2, p, codes, flags, unscale, rem, ist,
+                           fst, skipped):
             return step
     return 0
 
@@ -297,15 +325,10 @@ def run_softmax(start, stop, X, XT, T, batches, Xb, XbT, Tb, pc, g, work, accum6
     for step in range(start + 1, stop + 1):
         xb, xbt, tb = _classifier_batch(step - start, X, XT, T, batches, Xb, XbT, Tb, accum64)
         _to_compute(p, pc, codes[0])
-        seed = scale
-        if rem is not None:  # pruned at compile time: rem is None for a policy without remedies
-            seed = _dynamic_seed(scale, rem, fst)
+        seed = step_seed(scale, rem, fst)
         grad_softmax(pc, xb, xbt, tb, seed, codes[0], accum64, work, g)
-        if rem is None:
-            if not apply_update(step, table[step - 1 - start], g, w, s0, s1, p, codes, flags, unscale):
-                return step
-        elif not _remedy_step(step, start, table, base, g, w, s0, s1, s2, p, flags, unscale, rem, ist, fst,
-                              skipped):
+        if not update_step(step, start, table, base, g, w, s0, s1, s2, p, codes, flags, unscale, rem, ist,
+                           fst, skipped):
             return step
     return 0
 
@@ -318,15 +341,10 @@ def run_mlp(start, stop, X, XT, T, batches, Xb, XbT, Tb, pc, g, work, accum64, s
     for step in range(start + 1, stop + 1):
         xb, xbt, tb = _classifier_batch(step - start, X, XT, T, batches, Xb, XbT, Tb, accum64)
         _to_compute(p, pc, codes[0])
-        seed = scale
-        if rem is not None:  # pruned at compile time: rem is None for a policy without remedies
-            seed = _dynamic_seed(scale, rem, fst)
+        seed = step_seed(scale, rem, fst)
         grad_any_mlp(pc, xb, xbt, tb, seed, codes[0], accum64, work, g)
-        if rem is None:
-            if not apply_update(step, table[step - 1 - start], g, w, s0, s1, p, codes, flags, unscale):
-                return step
-        elif not _remedy_step(step, start, table, base, g, w, s0, s1, s2, p, flags, unscale, rem, ist, fst,
-                              skipped):
+        if not update_step(step, start, table, base, g, w, s0, s1, s2, p, codes, flags, unscale, rem, ist,
+                           fst, skipped):
             return step
     return 0
 
@@ -362,9 +380,7 @@ def run_linear_accum(start, stop, logistic, X, T, schedule, full, parts, Xbs, Xb
     for step in range(start + 1, stop + 1):
         batch_rows = schedule[0] if full else schedule[step - 1 - start]
         _to_compute(p, pc, codes[0])
-        seed = scale
-        if rem is not None:  # pruned at compile time: rem is None for a policy without remedies
-            seed = _dynamic_seed(scale, rem, fst)
+        seed = step_seed(scale, rem, fst)
         for k in range(parts.shape[0]):
             slot = parts[k, 2]
             rows = batch_rows[parts[k, 0]:parts[k, 1]]
@@ -375,11 +391,8 @@ def run_linear_accum(start, stop, logistic, X, T, schedule, full, parts, Xbs, Xb
             grad_linear(logistic, pc, Xb, XbT, Tb, seed, codes[0], accum64, works[slot], gm)
             _accumulate(k, gm, ga, ca)
         _round_sum(ga, g, codes[0])
-        if rem is None:
-            if not apply_update(step, table[step - 1 - start], g, w, s0, s1, p, codes, flags, unscale):
-                return step
-        elif not _remedy_step(step, start, table, base, g, w, s0, s1, s2, p, flags, unscale, rem, ist, fst,
-                              skipped):
+        if not update_step(step, start, table, base, g, w, s0, s1, s2, p, codes, flags, unscale, rem, ist,
+                           fst, skipped):
             return step
     return 0
 
@@ -400,9 +413,7 @@ def run_softmax_accum(start, stop, X, T, schedule, full, parts, Xbs, XbTs, Tbs, 
     for step in range(start + 1, stop + 1):
         batch_rows = schedule[0] if full else schedule[step - 1 - start]
         _to_compute(p, pc, codes[0])
-        seed = scale
-        if rem is not None:  # pruned at compile time: rem is None for a policy without remedies
-            seed = _dynamic_seed(scale, rem, fst)
+        seed = step_seed(scale, rem, fst)
         for k in range(parts.shape[0]):
             slot = parts[k, 2]
             Xb, XbT, Tb = Xbs[slot], XbTs[slot], Tbs[slot]
@@ -410,11 +421,8 @@ def run_softmax_accum(start, stop, X, T, schedule, full, parts, Xbs, XbTs, Tbs, 
             grad_softmax(pc, Xb, XbT, Tb, seed, codes[0], accum64, works[slot], gm)
             _accumulate(k, gm, ga, ca)
         _round_sum(ga, g, codes[0])
-        if rem is None:
-            if not apply_update(step, table[step - 1 - start], g, w, s0, s1, p, codes, flags, unscale):
-                return step
-        elif not _remedy_step(step, start, table, base, g, w, s0, s1, s2, p, flags, unscale, rem, ist, fst,
-                              skipped):
+        if not update_step(step, start, table, base, g, w, s0, s1, s2, p, codes, flags, unscale, rem, ist,
+                           fst, skipped):
             return step
     return 0
 
@@ -427,9 +435,7 @@ def run_mlp_accum(start, stop, X, T, schedule, full, parts, Xbs, XbTs, Tbs, work
     for step in range(start + 1, stop + 1):
         batch_rows = schedule[0] if full else schedule[step - 1 - start]
         _to_compute(p, pc, codes[0])
-        seed = scale
-        if rem is not None:  # pruned at compile time: rem is None for a policy without remedies
-            seed = _dynamic_seed(scale, rem, fst)
+        seed = step_seed(scale, rem, fst)
         for k in range(parts.shape[0]):
             slot = parts[k, 2]
             Xb, XbT, Tb = Xbs[slot], XbTs[slot], Tbs[slot]
@@ -437,10 +443,7 @@ def run_mlp_accum(start, stop, X, T, schedule, full, parts, Xbs, XbTs, Tbs, work
             grad_any_mlp(pc, Xb, XbT, Tb, seed, codes[0], accum64, works[slot], gm)
             _accumulate(k, gm, ga, ca)
         _round_sum(ga, g, codes[0])
-        if rem is None:
-            if not apply_update(step, table[step - 1 - start], g, w, s0, s1, p, codes, flags, unscale):
-                return step
-        elif not _remedy_step(step, start, table, base, g, w, s0, s1, s2, p, flags, unscale, rem, ist, fst,
-                              skipped):
+        if not update_step(step, start, table, base, g, w, s0, s1, s2, p, codes, flags, unscale, rem, ist,
+                           fst, skipped):
             return step
     return 0
