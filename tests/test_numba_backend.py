@@ -5,11 +5,11 @@
    for the training loop's update and for the stand-alone storage kernels the benchmarks time.
 2. Whole runs differ for exactly two reasons, and a test pins each:
    - accumulation order: numba sums in ascending index order; numpy's ``@`` is BLAS (blocked, FMA) and ``np.sum``
-     is pairwise. Running the numpy backend itself with those two replaced by the ascending order (and with the C
-     numba's exp and the C library's tanh, next point) reproduces every numba run bit for bit, for every preset, problem and
-     optimizer. Each order's error is within the classic bound gamma_k = k u / (1 - k u) of the exact sum.
-   - fp32 / fp64 transcendentals: numba's exp is its own float64 polynomial (``ops.exp64``; fp32 rounds it once)
-     and its tanh the C library's (tanhf, tanh), numpy's are its own SIMD loops; they differ by a few ulp. Below
+     is pairwise. Running the numpy backend itself with those two replaced by the ascending order (and with numba's
+     exp and tanh, next point) reproduces every numba run bit for bit, for every preset, problem and optimizer.
+     Each order's error is within the classic bound gamma_k = k u / (1 - k u) of the exact sum.
+   - fp32 / fp64 transcendentals: numba's exp and tanh are its own (``ops.exp64``, ``ops.exp32``, ``ops.tanh64``;
+     fp32's tanh is tanh64 rounded once), numpy's are its own SIMD loops; they differ by a few ulp. Below
      fp32 both compute in float64 and round once, and agree on every input.
 3. With those causes pinned, whole runs agree with numpy within tolerances from the formats: fp64 within 1e-12
    relative after 200 steps; narrower policies within lambda sqrt(T) u_params, and diverge at the same step.
@@ -18,12 +18,11 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -35,7 +34,8 @@ import precision.backends.numpy_backend as numpy_backend
 from precision.backends import backend_availability, get_backend
 from precision.backends.numba_backend import kernels, linalg
 from precision.backends.numba_backend.loops import apply_update
-from precision.backends.numba_backend.ops import exp32_array, exp64_array, exp_c, sigmoid_inplace, tanh_c
+from precision.backends.numba_backend.ops import (exp32_array, exp64_array, exp_c, sigmoid_inplace, tanh64_array,
+                                                  tanh_c)
 from precision.backends.numba_backend.rounding import format_code, static_code
 from precision.backends.numba_backend.update import optimizer_flags
 from precision.backends.numpy_backend.ops import FormatOps, convert
@@ -49,7 +49,7 @@ from precision.spec import RunSpec
 
 from optimizer_cases import OPTIMIZER_CASES, optimizer
 
-FP64, FP32 = FORMATS["fp64"], FORMATS["fp32"]
+FP64, FP32, BF16 = FORMATS["fp64"], FORMATS["fp32"], FORMATS["bf16"]
 POLICIES = {**PRESETS,
             "state-bf16": parse_policy("p=fp32,s=bf16"),
             "fp16-state-bf16": parse_policy("p=fp16,s=bf16"),  # U = fp16; bf16 state need not fit fp16's range
@@ -164,11 +164,6 @@ def test_storage_kernels_are_bit_identical(name, case):
 
 # -- 2. the causes of whole-run differences --------------------------------------------------------------------
 
-_LIBM = ctypes.CDLL(ctypes.util.find_library("m"))
-_LIBM.tanhf.restype, _LIBM.tanhf.argtypes = ctypes.c_float, [ctypes.c_float]
-_LIBM_TANH = (np.frompyfunc(math.tanh, 1, 1), np.frompyfunc(_LIBM.tanhf, 1, 1))
-
-
 def numba_exp(x: np.ndarray) -> np.ndarray:
     """numba's exp on a float64 (exp64) or float32 (exp32) array: what the loops compute."""
     flat = np.ascontiguousarray(x).ravel()
@@ -177,13 +172,15 @@ def numba_exp(x: np.ndarray) -> np.ndarray:
     return out.reshape(x.shape)
 
 
-def libm_tanh(x: np.ndarray) -> np.ndarray:
-    """The C library's tanh / tanhf on a float64 or float32 array (what numba-compiled code calls)."""
-    fn64, fn32 = _LIBM_TANH
-    return (fn32 if x.dtype == np.float32 else fn64)(x).astype(x.dtype)
+def numba_tanh(x: np.ndarray) -> np.ndarray:
+    """numba's tanh: tanh64 on a float64 array; on a float32 array tanh64 of its values rounded once to float32."""
+    flat = np.ascontiguousarray(x, dtype=np.float64).ravel()
+    out = np.empty_like(flat)
+    tanh64_array(flat, out)
+    return out.reshape(x.shape).astype(x.dtype)
 
 
-_NUMBA_FN = {"exp": numba_exp, "tanh": libm_tanh}
+_NUMBA_FN = {"exp": numba_exp, "tanh": numba_tanh}
 
 
 class AscendingProductOps(FormatOps):
@@ -202,7 +199,7 @@ class AscendingProductOps(FormatOps):
 class SequentialOps(AscendingProductOps):
     """numpy_backend.ops.FormatOps with numba's definitions of the two things that differ: every matrix product and
     sum accumulates in ascending index order (products and sums each rounded in the accumulator's dtype, starting
-    from +0, one rounding to the format at the end), exp is numba's own and tanh the C library's."""
+    from +0, one rounding to the format at the end), exp and tanh are numba's own."""
 
     def sum(self, x, axis, keepdims=False):
         acc = np.zeros(np.delete(x.shape, axis), dtype=self.accum.dtype)
@@ -297,6 +294,28 @@ def test_accumulation_order_within_gamma_k(compute, accum):
     assert (np.abs(numba_out - numpy_out) <= 2 * bound).all()
 
 
+@pytest.mark.parametrize("acc_dtype", [np.float32, np.float64])
+def test_four_row_passes_give_the_one_row_bits(acc_dtype):
+    """linalg.matmul's four-row passes (acc >= 4 n) share only the loads of B: every output is still its own sum in
+    ascending k, so the bits equal the one-row kernel's (acc of n) and the ascending reference's, NaN and inf
+    included, for row counts around multiples of four and k around multiples of four and eight."""
+    rng = np.random.default_rng(4)
+    code = format_code(BF16)
+    for m, k, n in [(1, 3, 5), (4, 4, 8), (5, 9, 10), (7, 33, 17), (8, 1, 3), (13, 12, 9)]:
+        A = round_to(rng.standard_normal((m, k)) * 8, BF16).astype(acc_dtype)
+        B = round_to(rng.standard_normal((k, n)), BF16).astype(acc_dtype)
+        A[m - 1, 0], B[k - 1, n - 1] = np.inf, np.nan  # a special value in the last four-row block and column
+        one, four = np.empty((m, n)), np.empty((m, n))
+        with np.errstate(invalid="ignore"):
+            linalg.matmul(A, B, np.zeros(n, acc_dtype), one, code)
+            linalg.matmul(A, B, np.zeros(linalg.ROWS * n, acc_dtype), four, code)
+            want = np.zeros((m, n), acc_dtype)
+            for kk in range(k):
+                want = want + A[:, kk:kk + 1] * B[kk]
+        assert same_bits(four, one)
+        assert same_bits(four, round_to(want.astype(np.float64), BF16))
+
+
 @numba.njit
 def _transcendentals(x, code, out):
     for i in range(x.size):
@@ -337,12 +356,14 @@ def ulp_distance32(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def test_fp32_transcendentals_differ_from_numpy_by_a_few_ulp():
     """The fp32 cause, pinned: numba's fp32 exp is exp32 (float32 arithmetic, within 1 ulp of the correctly
-    rounded value), its tanh the C library's tanhf (glibc documents at most 2 ulp); numpy's are its own SIMD loops (NumPy documents 2.52 ulp for float32 exp on AVX-512;
-    tanh measured 1). So they differ, by at most the sum of the two bounds, on the inputs fp32 training evaluates
-    them on."""
+    rounded value), its tanh tanh64 rounded once to float32 (within 4 float64 ulps, test_tanh64_within_four_ulp:
+    the float32 rounding can then differ from the correctly rounded one only for a value within 2^-50 relative of
+    a float32 midpoint, so at most 1 ulp); numpy's are its own SIMD loops (NumPy documents 2.52 ulp for float32 exp
+    on AVX-512; tanh measured 1). So they differ, by at most the sum of the two bounds, on the inputs fp32 training
+    evaluates them on."""
     x = np.random.default_rng(5).uniform(-20, 20, 200_000).astype(np.float32)
     got = numba_transcendentals(x.astype(np.float64), FP32).astype(np.float32)
-    for name, mine, own_ulp, numpy_ulp in (("exp", got[0], 1, 3), ("tanh", got[1], 2, 3)):
+    for name, mine, own_ulp, numpy_ulp in (("exp", got[0], 1, 3), ("tanh", got[1], 1, 3)):
         exact = getattr(np, name)(x.astype(np.float64)).astype(np.float32)  # correctly rounded but for rare ties
         theirs = getattr(np, name)(x)
         assert np.array_equal(mine, _NUMBA_FN[name](x)), f"numba's fp32 {name} is not the documented function"
@@ -365,6 +386,30 @@ def test_exp64_within_one_ulp(low, high):
     want = np.array([math.exp(v) for v in x])
     got = numba_exp(x)
     assert ulp_distance64(got, want).max() <= 1
+
+
+@pytest.mark.parametrize("low, high", [(-1e-6, 1e-6), (-0.3, 0.3), (-1.0, 1.0), (-3.0, 3.0), (-25.0, 25.0)])
+def test_tanh64_within_four_ulp(low, high):
+    """numba's float64 tanh against the true value (mpmath at 200 bits, rounded once) on random inputs across the
+    branch at log(3)/2 and the clamp at 20. The bound, op by op in float64 ulps: expm1(r) within 1.5 (its last
+    addition 0.5, the roundings of r^2 q(r) scaled by |r| / 2 < 0.55 at most 1); e = (2^k - 1) + 2^k p adds 0.5 and
+    scales p's error by 2^k |p| / e <= 1.4 (k = 1 at the branch's low end), so 2.6; below the branch e / (e + 2)
+    passes e's error scaled by 2 / (e + 2) <= 1 and adds 0.5 (the sum) + 0.5 (the division): 3.6; above it
+    1 - 2/(e + 2) scales 2/(e + 2)'s error (3.6 at most) by (2/(e + 2)) / tanh < 1 and adds 0.5: 4. Measured: 2.
+    glibc's tanh (math.tanh) measured 2 on the same inputs, so the C library is no more exact."""
+    mpmath = pytest.importorskip("mpmath")
+    x = np.random.default_rng(int(high * 100)).uniform(low, high, 20_000)
+    with mpmath.workprec(200):
+        want = np.array([float(mpmath.tanh(mpmath.mpf(float(v)))) for v in x])
+    assert ulp_distance64(numba_tanh(x), want).max() <= 4
+
+
+def test_tanh64_special_values():
+    """tanh(+-0) = +-0 (sign kept), +-inf and large arguments -> +-1, NaN through, subnormals unchanged (2x / 2);
+    19 is below the clamp at 20 and must not round to 1 (1 - tanh 19 = 6.3e-17 > 2^-54)."""
+    x = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 5e-324, -5e-324, 1e-310, 20.0, 1e300, -1e300, 19.0])
+    want = np.array([0.0, -0.0, 1.0, -1.0, np.nan, 5e-324, -5e-324, 1e-310, 1.0, 1.0, -1.0, math.tanh(19.0)])
+    assert same_bits(numba_tanh(x), want)
 
 
 def test_exp32_within_one_ulp():
@@ -406,6 +451,18 @@ def test_exp_loops_vectorize_without_a_library_call():
     assert "exp" not in "".join(line for line in assembly.splitlines() if "call" in line)
 
 
+def test_tanh_loop_vectorizes_without_a_library_call():
+    """Why tanh64 exists: the MLP's activation pass (fp32 rule: tanh64 rounded to float32) compiles to packed
+    float64 arithmetic with no call into the C library (np.tanh lowers to tanh / tanhf, called per element: 31 ns
+    per element against 3.4 for tanh64 on the development machine)."""
+    from precision.backends.numba_backend.ops import tanh_inplace
+    kernel = numba.njit(error_model="numpy")(tanh_inplace.py_func)
+    kernel(np.zeros((4, 64)), format_code(FP32))
+    assembly = kernel.inspect_asm(kernel.signatures[0])
+    assert re.search(r"vdivpd\s.*ymm", assembly), "the tanh pass does not divide four float64 lanes at a time"
+    assert "tanh" not in "".join(line for line in assembly.splitlines() if "call" in line)
+
+
 # -- 3. whole runs against numpy as it is --------------------------------------------------------------------
 
 @pytest.mark.parametrize("opt", ["sgd-momentum", "adam", "adamw"])
@@ -443,11 +500,13 @@ def test_low_precision_runs_agree_within_sqrt_steps_u(policy, problem, opt):
 # -- 4. determinism and the backend contract -------------------------------------------------------------------
 
 @pytest.mark.parametrize("policy, problem, static", [("fp32", "logreg", True), ("fp32", "linreg", True),
-                                                     ("fp32", "mlp", False), ("fp64", "logreg", False),
-                                                     ("bf16-mixed", "logreg", False), ("state-bf16", "logreg", False)])
-def test_static_codes_only_for_the_pure_fp32_linear_loop(policy, problem, static):
-    """Which runs take the static-code loop (the pinning tests above cover both kinds bit for bit): the pure fp32
-    policy of the linear models, and nothing else, so the default matrix compiles one extra loop, not four."""
+                                                     ("fp32", "mlp", True), ("fp32", "mlp-16x8-relu", True),
+                                                     ("fp32", "softmax", True), ("fp64", "logreg", False),
+                                                     ("bf16-mixed", "mlp", False), ("state-bf16", "logreg", False)])
+def test_static_codes_only_for_the_pure_fp32_loops(policy, problem, static):
+    """Which runs take the static-code loops (the pinning tests above cover both kinds bit for bit): the pure fp32
+    policy of every problem, and nothing else, so the default matrix compiles one extra loop per problem family,
+    not one per policy."""
     from precision.backends.numba_backend import policy_codes
     from precision.backends.numba_backend.rounding import FormatCode, static_format_name
     codes = policy_codes(POLICIES[policy], problem)

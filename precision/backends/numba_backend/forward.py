@@ -2,7 +2,7 @@
 
 The kernels are the training pass's: :func:`.linalg.matmul_acc` (exact products for formats below fp32, summed in
 the accumulator in ascending k, one rounding to the compute format), then the bias added and rounded, and tanh by
-the format's rule (:func:`.ops.tanh_c`), every value a float64 carrier rounded after each op (:func:`.rounding.rnd`).
+the format's rule (:func:`.ops.tanh_inplace`), every value a float64 carrier rounded after each op (:func:`.rounding.rnd`).
 The operands are laid out as :mod:`.models` lays them out (the linear models' z as ``w (1 x d) @ X.T (d x n)``), so
 each logit is the same sequence of operations as in training.
 
@@ -18,8 +18,8 @@ import numpy as np
 
 from ...formats import Format, get_format, round_to
 from ...problems import get_problem, unflatten
-from .linalg import matmul_acc, pair
-from .ops import tanh_c
+from .linalg import acc_pair, matmul_acc, pair
+from .ops import tanh_inplace
 from .rounding import JIT, format_code, rnd
 
 __all__ = ["forward_logits"]
@@ -33,9 +33,7 @@ def _bias(Z, b, cc, apply_tanh):
         for j in range(Z.shape[1]):
             Z[i, j] = rnd(Z[i, j] + b[j], cc)
     if apply_tanh:
-        for i in range(Z.shape[0]):
-            for j in range(Z.shape[1]):
-                Z[i, j] = tanh_c(Z[i, j], cc)
+        tanh_inplace(Z, cc)
 
 
 @numba.njit(**JIT)
@@ -57,7 +55,7 @@ def _operand(values: np.ndarray, accum64: bool) -> tuple[np.ndarray, np.ndarray]
 def _product(A: np.ndarray, B: np.ndarray, cc, accum64: bool) -> np.ndarray:
     """rnd(A @ B) by the training kernel; A, B float64 carriers of compute-format values."""
     out = np.zeros((A.shape[0], B.shape[1]))
-    acc = pair((B.shape[1],), accum64)
+    acc = acc_pair(B.shape[1], accum64)
     matmul_acc(_operand(A, accum64), _operand(B, accum64), acc, out, cc, accum64)
     return out
 
