@@ -4,6 +4,8 @@
     NUMBA_NUM_THREADS=1 python benchmarks/numba_figures.py kernels      # update step ratios at N = 1e7
     NUMBA_NUM_THREADS=1 python benchmarks/numba_figures.py bf16-hardware  # bf16 step with vcvtneps2bf16 (inexact)
     NUMBA_NUM_THREADS=1 python benchmarks/numba_figures.py logreg       # whole-loop logreg, every backend
+    NUMBA_NUM_THREADS=1 python benchmarks/numba_figures.py mlp          # whole-loop MLPs, every backend
+    NUMBA_NUM_THREADS=1 python benchmarks/numba_figures.py mlp-products  # what the fixed order costs
     python benchmarks/numba_figures.py matrix                           # default matrix: numba's cold/warm share
     python benchmarks/numba_figures.py agreement                        # numba vs numpy, final params
 
@@ -127,29 +129,103 @@ def bf16_hardware(n: int, repeats: int) -> None:
     print(f"hardware rounding equals the exact kernel on these inputs (all normal): {same}")
 
 
-def logreg(runs: int) -> None:
-    import precision
-    from precision.backends import backend_availability
-    from precision.drift import rel_l2
-    from precision.runner import dataset_for, train
+def _per_step(specs, dataset_of, runs: int) -> dict:
+    """Each spec's training time per step (the loop's own figure: compile and setup excluded), the minimum over
+    ``runs`` interleaved rounds: one whole run of each backend per round, so that a busy spell of a shared machine
+    slows every backend alike."""
+    from precision.runner import train
 
-    backends = [b for b in ("numpy", "numba", "jax") if backend_availability(b, "cpu").available]
-    specs = precision.build_specs(["logreg"], ["adam"], ["fp32"], backends=backends, batch_size=None, steps=1000,
-                                  record_every=100)
-    dataset = dataset_for(specs[0])
     for spec in specs:
-        train(spec, dataset)  # compile / warm
-    # Interleaved: one whole run of each backend per round, so that a busy spell of a shared machine slows every
-    # backend alike; the minimum over rounds is each backend's figure.
+        train(spec, dataset_of(spec))  # compile / warm
     per_step = {spec.backend: float("inf") for spec in specs}
     for _ in range(runs):
         for spec in specs:
-            per_step[spec.backend] = min(per_step[spec.backend], train(spec, dataset).time_per_step_s)
+            per_step[spec.backend] = min(per_step[spec.backend], train(spec, dataset_of(spec)).time_per_step_s)
+    return per_step
+
+
+def _available_backends() -> list:
+    from precision.backends import backend_availability
+    return [b for b in ("numpy", "numba", "jax") if backend_availability(b, "cpu").available]
+
+
+def logreg(runs: int) -> None:
+    import precision
+    from precision.runner import dataset_for
+
+    specs = precision.build_specs(["logreg"], ["adam"], ["fp32"], backends=_available_backends(), batch_size=None,
+                                  steps=1000, record_every=100)
+    dataset = dataset_for(specs[0])
+    per_step = _per_step(specs, lambda spec: dataset, runs)
     for backend, seconds in per_step.items():
         print(f"{backend:6s} {seconds * 1e6:8.1f} us/step")
     if "numba" in per_step:
         print(f"numpy / numba: {per_step['numpy'] / per_step['numba']:.1f}x; "
               f"numba / best backend: {per_step['numba'] / min(per_step.values()):.2f}")
+
+
+MLP_CASES = (("mlp", 200), ("mlp-256x256", 40))  # (problem, steps): digits, batch 128, Adam
+
+
+def mlp(runs: int, policies=("fp32", "bf16-mixed")) -> None:
+    """Whole-loop time per step of the default MLP (one hidden layer of 32) and of mlp-256x256 (84,490 parameters)
+    on digits, every backend, per policy, each ratio from one run."""
+    import precision
+    from precision.runner import dataset_for
+
+    for problem, steps in MLP_CASES:
+        for policy in policies:
+            specs = precision.build_specs([problem], ["adam"], [policy], backends=_available_backends(),
+                                          data=["digits"], steps=steps, record_every=steps)
+            dataset = dataset_for(specs[0])
+            per_step = _per_step(specs, lambda spec: dataset, runs)
+            best = min(per_step.values())
+            print(f"{problem:12s} {policy:10s} " + "  ".join(
+                f"{b} {t * 1e6:7.0f} us ({t / best:.2f}x)" for b, t in per_step.items()))
+
+
+def mlp_products(repeats: int) -> None:
+    """What the fixed summation order costs in the MLPs' matrix products (fp32, batch 128, every product of one
+    step): numba's ordered kernel, the same source compiled with fastmath (free to reassociate and to fuse into
+    FMA), and numpy's BLAS on one thread, thread CPU time of 300 calls, the minimum over ``repeats``. The two numba
+    kernels share the loop structure, so their ratio is the price of the order alone; BLAS's lead over fastmath is
+    its blocking (packed panels, sums kept in registers across k), which an ordered kernel could copy."""
+    import numba
+    import numpy as np
+
+    from precision.backends.numba_backend import linalg
+    from precision.backends.numba_backend.rounding import static_code
+
+    code = static_code("fp32")
+    free = numba.njit(fastmath=True, error_model="numpy")(linalg.matmul.py_func)
+    shapes = {"mlp": [(128, 64, 32), (128, 32, 10), (32, 128, 10), (128, 10, 32), (64, 128, 32)],
+              "mlp-256x256": [(128, 64, 256), (128, 256, 256), (128, 256, 10), (256, 128, 10), (128, 10, 256),
+                              (256, 128, 256), (128, 256, 256), (64, 128, 256)]}
+    rng = np.random.default_rng(0)
+
+    def seconds(fn, *args):
+        fn(*args)
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.thread_time()
+            for _ in range(300):
+                fn(*args)
+            best = min(best, (time.thread_time() - start) / 300)
+        return best
+
+    for problem, products in shapes.items():
+        total = dict.fromkeys(("ordered", "fastmath", "blas"), 0.0)
+        for m, k, n in products:
+            A = rng.standard_normal((m, k)).astype(np.float32)
+            B = rng.standard_normal((k, n)).astype(np.float32)
+            acc, out = np.zeros(linalg.ROWS * n, np.float32), np.zeros((m, n))
+            total["ordered"] += seconds(linalg.matmul, A, B, acc, out, code)
+            total["fastmath"] += seconds(free, A, B, acc, out, code)
+            total["blas"] += seconds(np.matmul, A, B)
+        macs = sum(m * k * n for m, k, n in products)
+        print(f"{problem:12s} " + "  ".join(f"{name} {t * 1e6:7.1f} us ({macs / t / 1e9:4.1f} GMAC/s)"
+                                            for name, t in total.items())
+              + f"  order costs {total['ordered'] / total['fastmath']:.2f}x")
 
 
 _MATRIX = """
@@ -212,13 +288,17 @@ def agreement(policies=None) -> None:
               f"max rel_l2 {worst:.2e} = {worst / u:.2f} u_params")
 
 
+_PINNED = ("kernels", "bf16-hardware", "logreg", "mlp", "mlp-products")  # single-core figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("figure", choices=["kernels", "bf16-hardware", "logreg", "matrix", "agreement"])
+    parser.add_argument("figure", choices=["kernels", "bf16-hardware", "logreg", "mlp", "mlp-products", "matrix",
+                                           "agreement"])
     parser.add_argument("--n", type=float, default=1e7, help="parameters per update step (kernels)")
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
-    if args.figure in ("kernels", "bf16-hardware", "logreg") and hasattr(os, "sched_setaffinity"):
+    if args.figure in _PINNED and hasattr(os, "sched_setaffinity"):
         cpu = min(os.sched_getaffinity(0))
         os.sched_setaffinity(0, {cpu})  # before numba / JAX start their threads
         print(f"pinned to CPU {cpu}")
@@ -228,6 +308,11 @@ def main() -> None:
         bf16_hardware(int(args.n), args.repeats)
     elif args.figure == "logreg":
         logreg(max(args.repeats // 4, 1))
+    elif args.figure == "mlp":
+        mlp(max(args.repeats // 4, 1))
+    elif args.figure == "mlp-products":
+        os.environ["OPENBLAS_NUM_THREADS"] = "1"  # before numpy loads OpenBLAS: the BLAS column is one thread
+        mlp_products(max(args.repeats // 3, 1))
     elif args.figure == "matrix":
         matrix()
     else:

@@ -72,3 +72,18 @@ def test_agreement_figure(figures, capsys, monkeypatch):
     figures.agreement(["bf16-mixed"])
     out = capsys.readouterr().out
     assert re.search(r"bf16-mixed\s+trained 12, diverged in both\s+0, bit-identical 12", out), out
+
+
+@pytest.mark.skipif(not backend_availability("jax", "cpu").available, reason="jax not installed")
+def test_mlp_figure(figures, capsys, monkeypatch):
+    monkeypatch.setattr(figures, "MLP_CASES", (("mlp", 3),))
+    figures.mlp(runs=1, policies=("fp32",))
+    out = capsys.readouterr().out
+    assert re.search(r"mlp\s+fp32\s+numpy .* us \(\d+\.\d\dx\)\s+numba .* us \(\d+\.\d\dx\)", out), out
+
+
+def test_mlp_products_figure(figures, capsys):
+    # The ordered and the fastmath kernel are the same source; the figure prints the ratio of their times.
+    figures.mlp_products(repeats=1)
+    out = capsys.readouterr().out
+    assert ratios(out, "order costs") > 0 and "mlp-256x256" in out
