@@ -100,15 +100,18 @@ class NumbaBackend:
     def availability(self, device: str) -> Availability:
         if device == "cpu":
             return Availability(True)
-        if device == "gpu":
-            return Availability(False, "the numba backend runs on the CPU only: numba.cuda kernels for 'gpu' are "
-                                       "not implemented (use --backend jax for GPU runs)")
-        return Availability(False, f"unknown device {device!r}")
+        if device == "gpu":  # numba-cuda kernels (precision.backends.numba_cuda, imported only for the GPU)
+            from ..numba_cuda import gpu_availability
+            return Availability(*gpu_availability())
+        return Availability(False, f"unknown device {device!r}; valid choices: cpu, gpu")
 
     def devices(self) -> tuple[str, ...]:
-        return ("cpu",)
+        return ("cpu",) + (("gpu",) if self.availability("gpu").available else ())
 
     def train(self, spec: RunSpec, dataset: Dataset) -> Trajectory:
+        if spec.device == "gpu":
+            from ..numba_cuda.train import train as train_gpu
+            return train_gpu(spec, dataset)
         pol: Policy = spec.policy
         accum64 = pol.accum.name == "fp64"  # else fp32 (Policy allows only these two)
         X = _rounded(dataset.X_train, pol.compute)

@@ -85,7 +85,7 @@ def apply_update(step, row, g, w, s0, s1, p, codes, flags, unscale):
     ``unscale`` is the loss scale's inverse in U, or 1.0 without loss scaling (x * 1 is exact, so multiplying
     unconditionally changes nothing and keeps the loop branch-free). Branches on the optimizer are outside the
     element loops, so that they vectorize."""
-    cc, cu, cw, cs, cp = codes[0], codes[1], codes[2], codes[3], codes[4]
+    cu, cw, cs, cp = codes[1], codes[2], codes[3], codes[4]
     cm = moment_code(codes)
     kind, decoupled, l2, momentum, nesterov = flags
     scalars = row_scalars(row)
