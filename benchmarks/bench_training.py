@@ -18,18 +18,22 @@ from precision.benchcases import CASE_BACKENDS, CASE_PROBLEMS, LARGE_POLICIES, L
 from precision.peers import LOOP_PEERS, loop_peer, loop_peer_skip_reason
 from precision.runner import train
 
-from .common import PARAM_NAMES, PARAMS, case_or_skip, seconds_per_step, warm_up
+from .common import (PARAM_NAMES, PARAMS, PerCommitTiming, case_or_skip, jax_compilation_cache,
+                     seconds_per_step, warm_up)
 
 
-class TrainStep:
+class TrainStep(PerCommitTiming):
     params = PARAMS
     param_names = PARAM_NAMES
     timer = staticmethod(seconds_per_step)
-    timeout = 300  # a slow case (numpy float16 MLP, ~2 ms/step) takes ~0.4 s per sample
+    repeat = (3, 10, 1.0)  # a slow case (numpy float16 MLP, ~2 ms/step) takes ~0.4 s per sample: 3 samples
+    timeout = 300
 
     def setup(self, problem, optimizer, policy, backend):
         self.spec = case_or_skip(problem, optimizer, policy, backend).spec()
         self.dataset = frozen_dataset(self.spec)
+        if backend == "jax":
+            jax_compilation_cache()  # Drift's setup_cache compiled this case: load it (common.jax_compilation_cache)
         warm_up(self.spec, self.dataset)
 
     def time_train_step(self, problem, optimizer, policy, backend):
@@ -38,7 +42,9 @@ class TrainStep:
 
 class Compile:
     """Compile time the backend reports for its first ``train`` call in a fresh process (asv runs every parameter
-    combination in its own process). numpy has no compile stage (it reports 0), so it is not in this grid."""
+    combination in its own process: a fork of its server, which has imported jax and numba but compiled nothing,
+    see ``common.PREIMPORTED``). numpy has no compile stage (it reports 0), so it is not in this grid. One call per
+    process: the figure is the first call's, so there is nothing to repeat."""
 
     params = PARAMS[:-1] + [[backend for backend in PARAMS[-1] if backend != "numpy"]]
     param_names = PARAM_NAMES
@@ -48,12 +54,14 @@ class Compile:
     def setup(self, problem, optimizer, policy, backend):
         self.spec = case_or_skip(problem, optimizer, policy, backend).spec()
         self.dataset = frozen_dataset(self.spec)
+        if backend == "jax":
+            jax_compilation_cache(enabled=False)  # a real compile, never an executable loaded from the disk cache
 
     def track_compile_s(self, problem, optimizer, policy, backend):
         return train(self.spec, self.dataset).compile_s
 
 
-class PeerTrainStep:
+class PeerTrainStep(PerCommitTiming):
     """What a user would run instead, on the same fp32 Adam cases (the data, initial params and CASE_STEPS-step
     batch schedule of ``TrainStep``'s ``(problem, 'adam', 'fp32', *)`` cases): ``torch`` (autograd + fused Adam,
     one thread) and ``optax`` (value_and_grad + optax.adam, the whole call one jitted ``lax.scan``), from
@@ -70,6 +78,8 @@ class PeerTrainStep:
         if reason is not None:
             raise NotImplementedError(reason)
         key = (problem, peer)
+        if peer == "optax":
+            jax_compilation_cache()
         if key not in _PEERS:
             _PEERS[key] = loop_peer(peer, problem)[0]  # built and warmed once per process
         self.run = _PEERS[key]
@@ -81,7 +91,7 @@ class PeerTrainStep:
 _PEERS: dict = {}
 
 
-class LargeModelStep:
+class LargeModelStep(PerCommitTiming):
     """Seconds per step of a model of more than 1e5 parameters (``precision.benchcases.LARGE_PROBLEM``, Adam,
     LARGE_STEPS steps per call, compile paid in setup): where the matrix products, and numba's fixed summation order,
     dominate the step."""
@@ -97,6 +107,8 @@ class LargeModelStep:
             raise NotImplementedError(availability.reason)
         self.spec = large_spec(policy, backend)
         self.dataset = frozen_dataset(self.spec)
+        if backend == "jax":
+            jax_compilation_cache()  # compiled by an earlier run of the same jax code, if any
         warm_up(self.spec, self.dataset)
 
     def time_train_step(self, policy, backend):
