@@ -268,8 +268,11 @@ def test_ctrl_c_while_a_framework_imports_is_one_line(tmp_path):
                                         "time.sleep(60)\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(shadow.parent), os.environ.get("PYTHONPATH", "")]))
     out = tmp_path / "r.json"
+    # SIGINT's default action restored in the child: a parent that ignores SIGINT (pytest-xdist's workers do) passes
+    # SIG_IGN on, and Python then installs no KeyboardInterrupt handler at all, unlike under a terminal's Ctrl-C.
     proc = subprocess.Popen([*CLI, *FAST[:3], "--backend", "jax", "--out", str(out)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         end = time.monotonic() + 60
         while not marker.exists():

@@ -126,9 +126,9 @@ def test_install_lines_name_real_extras_and_the_set_up_commands_are_what_ci_runs
     assert len(setups) == 2, setups  # exactly two set-up commands: the main job and the tests
     main_job, tests = setups
     assert main_job.endswith("&& precision run")
-    for step in ("python -m pip install -e '.[all]'", "python -m pytest"):
+    for step in ("python -m pip install -e '.[all]'", "python -m pytest -n auto --dist loadfile"):
         assert step in tests and step.split(" -e ")[0] in ci, step
-    assert "-e '.[all]'" in ci and ci.rstrip().endswith("python -m pytest")
+    assert "-e '.[all]'" in ci and ci.rstrip().endswith("python -m pytest -n auto --dist loadfile")
 
 
 def _tool_rule(argv: list[str]) -> list[str] | None:
