@@ -192,6 +192,23 @@ _SHIFTER = 6755399441055744.0  # 1.5 * 2^52
 _Q2, _Q3, _Q4, _Q5, _Q6, _Q7, _Q8, _Q9, _Q10, _Q11, _Q12, _Q13 = (1.0 / math.factorial(k) for k in range(2, 14))
 
 
+def _reduce(x):
+    """ops._reduce: (k, expm1(r)) for x = k ln 2 + r, op for op (k read from kd = t - shifter, an integer
+    exactly, where the CPU reads it from t's low bits)."""
+    t = add(mul(x, _INV_LN2), _SHIFTER)
+    kd = sub(t, _SHIFTER)
+    r = sub(sub(x, mul(kd, _LN2_HI)), mul(kd, _LN2_LO))
+    r2 = mul(r, r)
+    r4 = mul(r2, r2)
+    b0 = add(add(_Q2, mul(_Q3, r)), mul(add(_Q4, mul(_Q5, r)), r2))
+    b1 = add(add(_Q6, mul(_Q7, r)), mul(add(_Q8, mul(_Q9, r)), r2))
+    b2 = add(add(_Q10, mul(_Q11, r)), mul(add(_Q12, mul(_Q13, r)), r2))
+    return int(kd), add(r, mul(r2, add(b0, mul(r4, add(b1, mul(r4, b2))))))
+
+
+reduce_ln2 = device(_reduce)
+
+
 def _exp64(x):
     """ops.exp64: k = round(x / ln 2) by the shifter (kd = t - shifter is that integer exactly; the CPU reads the
     same k from t's low bits), r = x - k ln 2, the Taylor polynomial in Estrin's scheme, times 2^(k//2) and
@@ -199,16 +216,8 @@ def _exp64(x):
     if x != x:  # NaN passes through (the CPU selects it at the end; int(NaN) below would not be defined)
         return x
     xc = min(max(x, -746.0), 710.0)
-    t = add(mul(xc, _INV_LN2), _SHIFTER)
-    kd = sub(t, _SHIFTER)
-    k = int(kd)
-    r = sub(sub(xc, mul(kd, _LN2_HI)), mul(kd, _LN2_LO))
-    r2 = mul(r, r)
-    r4 = mul(r2, r2)
-    b0 = add(add(_Q2, mul(_Q3, r)), mul(add(_Q4, mul(_Q5, r)), r2))
-    b1 = add(add(_Q6, mul(_Q7, r)), mul(add(_Q8, mul(_Q9, r)), r2))
-    b2 = add(add(_Q10, mul(_Q11, r)), mul(add(_Q12, mul(_Q13, r)), r2))
-    p = add(1.0, add(r, mul(r2, add(b0, mul(r4, add(b1, mul(r4, b2)))))))
+    k, pm1 = reduce_ln2(xc)
+    p = add(1.0, pm1)
     half = k >> 1
     y = mul(mul(p, math.ldexp(1.0, half)), math.ldexp(1.0, k - half))
     return y
@@ -255,17 +264,7 @@ def _tanh64(x):
     if x != x:
         return x
     a = min(abs(x), 20.0)
-    y = add(a, a)
-    t = add(mul(y, _INV_LN2), _SHIFTER)
-    kd = sub(t, _SHIFTER)
-    k = int(kd)
-    r = sub(sub(y, mul(kd, _LN2_HI)), mul(kd, _LN2_LO))
-    r2 = mul(r, r)
-    r4 = mul(r2, r2)
-    b0 = add(add(_Q2, mul(_Q3, r)), mul(add(_Q4, mul(_Q5, r)), r2))
-    b1 = add(add(_Q6, mul(_Q7, r)), mul(add(_Q8, mul(_Q9, r)), r2))
-    b2 = add(add(_Q10, mul(_Q11, r)), mul(add(_Q12, mul(_Q13, r)), r2))
-    p = add(r, mul(r2, add(b0, mul(r4, add(b1, mul(r4, b2))))))
+    k, p = reduce_ln2(add(a, a))
     scale = math.ldexp(1.0, k)  # 2^k, 0 <= k <= 58: exact
     e = add(sub(scale, 1.0), mul(scale, p))
     d = add(e, 2.0)
