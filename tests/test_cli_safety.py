@@ -271,7 +271,8 @@ def test_ctrl_c_while_a_framework_imports_is_one_line(tmp_path):
     # Python's Ctrl-C handler installed first in the child: a parent that ignores SIGINT (pytest-xdist's workers do)
     # passes SIG_IGN on, and Python then installs no KeyboardInterrupt handler at all, unlike under a terminal. (Not
     # preexec_fn: forking with it runs the parent's at-fork hooks, and JAX's warns, in this multithreaded process.)
-    interactive = [sys.executable, "-c", "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler);"
+    interactive = [sys.executable, "-c",
+                   "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler);"
                    " runpy.run_module('precision.cli', run_name='__main__', alter_sys=True)"]
     proc = subprocess.Popen([*interactive, *FAST[:3], "--backend", "jax", "--out", str(out)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

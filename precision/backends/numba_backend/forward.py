@@ -2,7 +2,8 @@
 
 The kernels are the training pass's: :func:`.linalg.matmul_acc` (exact products for formats below fp32, summed in
 the accumulator in ascending k, one rounding to the compute format), then the bias added and rounded, and tanh by
-the format's rule (:func:`.ops.tanh_inplace`), every value a float64 carrier rounded after each op (:func:`.rounding.rnd`).
+the format's rule (:func:`.ops.tanh_inplace`), every value a float64 carrier rounded after each op
+(:func:`.rounding.rnd`).
 The operands are laid out as :mod:`.models` lays them out (the linear models' z as ``w (1 x d) @ X.T (d x n)``), so
 each logit is the same sequence of operations as in training.
 
