@@ -19,10 +19,10 @@ order by gamma_k = k u_accum.
 The innermost loop runs over output columns (contiguous, vectorized) while each output still accumulates in
 ascending k; four rows of A share each pass over B (:func:`_four_rows`), which changes which loads are shared and
 nothing in any output's sum. Operands are held in the accumulator's dtype (compute-format values fit it exactly),
-so the inner loop runs at that width; outputs are float64 carriers. The policy picks the accumulator at run time, so operands and
-scratch come as (float32, float64) *pairs* of which only the member of the active dtype is used (:func:`stage`
-fills it), and :func:`matmul_acc` calls the float32 or the float64 specialization: both are compiled once and
-shared by every loop and policy.
+so the inner loop runs at that width; outputs are float64 carriers. The policy picks the accumulator at run time,
+so operands and scratch come as (float32, float64) *pairs* of which only the member of the active dtype is used
+(:func:`stage` fills it), and :func:`matmul_acc` calls the float32 or the float64 specialization: both are
+compiled once and shared by every loop and policy.
 """
 
 from __future__ import annotations
