@@ -31,7 +31,7 @@ from ..base import ScalerLog, drive_chunks
 from ..numba_backend import _rounded
 from ..numba_backend.update import optimizer_flags
 from ..numpy_backend import targets_for
-from ..step_rules import ScalerState, host_scalars, initial_scaler, moment_format, sr_key
+from ..step_rules import host_scalars, initial_scaler, moment_format, scaler_update, sr_key
 from . import kernels as K
 from .device import SIMULATOR, gpu_format, round_value
 
@@ -155,8 +155,9 @@ def train(spec: RunSpec, dataset: Dataset) -> Trajectory:
     pc, g = cuda.device_array(size), cuda.device_array(size)
     bad = cuda.device_array(size, dtype=np.int32)
     gradient = _Gradient(spec, dataset, batch, features, fc, accum64)
-    # Dynamic loss scaling's host state (loops' ist / fst): applied updates, growth tracker, scale (float32 value)
-    state = {"applied": 0, "tracker": 0, "scale": float(ds.init) if ds else 1.0}
+    # The host state across steps (loops' ist / fst): applied updates here, dynamic loss scaling's (scale, growth
+    # tracker) in the log, advanced by the shared rule (step_rules.scaler_update)
+    state = {"applied": 0}
     log = ScalerLog(initial_scaler(pol)) if ds else None
     wide_c = gpu_format(wider(pol.compute, get_format("fp32")))
 
@@ -168,25 +169,16 @@ def train(spec: RunSpec, dataset: Dataset) -> Trajectory:
         K.launch(K.round_into, size)(p, pc, size, fc)
         seed = seed_scale
         if ds is not None:  # loops._dynamic_seed: rnd(rnd(scale * ls, wider(C, fp32)), C)
-            seed = round_value(round_value(seed_scale * state["scale"], wide_c), fc)
+            seed = round_value(round_value(seed_scale * float(log.state.scale), wide_c), fc)
         gradient(pc, Xb, Tb, seed, g)
         u = unscale
         if ds is not None:  # loops._remedy_step: unscale, check, update the scaler, maybe skip
-            scale = state["scale"]
-            inv = round_value(float(np.float32(1.0 / scale)), fu)
+            inv = round_value(float(np.float32(1) / np.float32(log.state.scale)), fu)  # step_rules.dynamic_unscale
             K.launch(K.unscale_checked, size)(g, fu, inv, bad, size)
             finite = not bad.copy_to_host().any()
-            successful = state["tracker"] + 1
-            grown = float(np.float32(scale * float(np.float32(ds.growth))))
-            at_interval = successful >= int(ds.interval)
-            if not finite:
-                state["scale"] = float(np.float32(scale * float(np.float32(ds.backoff))))
-            elif at_interval and np.isfinite(grown):
-                state["scale"] = grown
-            state["tracker"] = 0 if (not finite or at_interval) else successful
-            log.state = ScalerState(np.float32(state["scale"]), np.int32(state["tracker"]))
-            if not finite and ds.skip:
-                log.skipped.append(stepno)
+            skip = not finite and ds.skip
+            log.step(stepno, scaler_update(np, log.state, not finite, ds), skip)
+            if skip:
                 return True
             u = 1.0  # g holds the unscaled gradient in U
         if remedies:
