@@ -459,7 +459,8 @@ def test_tanh_loop_vectorizes_without_a_library_call():
     kernel = numba.njit(error_model="numpy")(tanh_inplace.py_func)
     kernel(np.zeros((4, 64)), format_code(FP32))
     assembly = kernel.inspect_asm(kernel.signatures[0])
-    assert re.search(r"vdivpd\s.*ymm", assembly), "the tanh pass does not divide four float64 lanes at a time"
+    # packed float64 division on 256- or 512-bit registers (LLVM prefers 256 bits on most AVX-512 CPUs)
+    assert re.search(r"vdivpd\s.*[yz]mm", assembly), "the tanh pass does not divide several float64 lanes at a time"
     assert "tanh" not in "".join(line for line in assembly.splitlines() if "call" in line)
 
 
