@@ -26,7 +26,7 @@ class TrainStep(PerCommitTiming):
     params = PARAMS
     param_names = PARAM_NAMES
     timer = staticmethod(seconds_per_step)
-    repeat = (3, 10, 1.0)  # a slow case (numpy float16 MLP, ~2 ms/step) takes ~0.4 s per sample: 3 samples
+    # PerCommitTiming's repeat: a slow case (numpy float16 MLP, ~2 ms/step) takes ~0.4 s per sample, so 3 samples
     timeout = 300
 
     def setup(self, problem, optimizer, policy, backend):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from numba import cuda
 
-from ...optim import SCALAR_COLUMNS
+from ..numba_backend.update import COL as _COL, OPT_ADAM, OPT_SGD  # the CPU loops' optimizer kinds and columns
 from ..step_rules import SR_WEIGHTS_TENSOR, sr_state_tensor
 from .device import (add, add32, device, div, exp_c, is_finite, mul, mul32, random_bits, rnd, sigmoid_c, sqrt,
                      sr_round, sub, tanh_c, to32)
@@ -25,8 +25,6 @@ from .device import (add, add32, device, div, exp_c, is_finite, mul, mul32, rand
 __all__ = ["launch", "round_into", "gather", "matmul", "linear_delta", "add_bias", "activate", "softmax_delta",
            "activation_backward", "update", "unscale_checked", "acc_step", "OPT_SGD", "OPT_ADAM"]
 
-OPT_SGD, OPT_ADAM = 0, 1  # numba_backend.update's kinds (optimizer_flags)
-_COL = {name: i for i, name in enumerate(SCALAR_COLUMNS)}
 _LR, _WD, _MU, _B1, _OMB1 = _COL["lr"], _COL["weight_decay"], _COL["momentum"], _COL["beta1"], _COL["one_minus_beta1"]
 _B2, _OMB2, _SQRT_BC2, _EPS = _COL["beta2"], _COL["one_minus_beta2"], _COL["sqrt_bc2"], _COL["eps"]
 _STEP_SIZE, _DECAY = _COL["step_size"], _COL["decay"]
