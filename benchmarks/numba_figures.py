@@ -5,7 +5,7 @@
     NUMBA_NUM_THREADS=1 python benchmarks/numba_figures.py bf16-hardware  # bf16 step with vcvtneps2bf16 (inexact)
     NUMBA_NUM_THREADS=1 python benchmarks/numba_figures.py logreg       # whole-loop logreg, every backend
     NUMBA_NUM_THREADS=1 python benchmarks/numba_figures.py mlp          # whole-loop MLPs, every backend
-    NUMBA_NUM_THREADS=1 python benchmarks/numba_figures.py mlp-products  # what the fixed order costs
+    NUMBA_NUM_THREADS=1 python benchmarks/numba_figures.py mlp-products  # what order and no-FMA cost
     python benchmarks/numba_figures.py matrix                           # default matrix: numba's cold/warm share
     python benchmarks/numba_figures.py agreement                        # numba vs numpy, final params
 
@@ -185,19 +185,30 @@ def mlp(runs: int, policies=("fp32", "bf16-mixed")) -> None:
 
 
 def mlp_products(repeats: int) -> None:
-    """What the fixed summation order costs in the MLPs' matrix products (fp32, batch 128, every product of one
-    step): numba's ordered kernel, the same source compiled with fastmath (free to reassociate and to fuse into
-    FMA), and numpy's BLAS on one thread, thread CPU time of 300 calls, the minimum over ``repeats``. The two numba
-    kernels share the loop structure, so their ratio is the price of the order alone; BLAS's lead over fastmath is
-    its blocking (packed panels, sums kept in registers across k), which an ordered kernel could copy."""
+    """What the fixed order and the no-FMA rule cost in the MLPs' matrix products (fp32, batch 128, every product of
+    one step), thread CPU time of 300 calls, the minimum over ``repeats``: the backend's product (``linalg.matmul``,
+    register tiles, ascending k, multiply then add); the same tile loop on operands zero-padded to whole tiles,
+    once as the backend computes (``tile``) and once with each multiply-add fused into one FMA (``fused_tile``,
+    one rounding: NOT the backend's arithmetic, and free of nothing else), so that their ratio is the price of the
+    rule alone; and numpy's BLAS on one thread (its own order, FMA)."""
     import numba
     import numpy as np
 
     from precision.backends.numba_backend import linalg
     from precision.backends.numba_backend.rounding import static_code
+    from precision.backends.numba_backend.tile import ROWS, fused_tile, tile
+
+    @numba.njit(error_model="numpy")
+    def tiles(A, B, out, fused):  # A rows a multiple of ROWS, B columns of 16 (float32 tiles)
+        n_k = A.shape[1]
+        for j in range(0, B.shape[1], 16):
+            for i in range(0, A.shape[0], ROWS):
+                if fused:
+                    fused_tile(A, i * n_k, n_k, 1, B, j, B.shape[1], n_k, out, i * out.shape[1] + j, out.shape[1])
+                else:
+                    tile(A, i * n_k, n_k, 1, B, j, B.shape[1], n_k, out, i * out.shape[1] + j, out.shape[1])
 
     code = static_code("fp32")
-    free = numba.njit(fastmath=True, error_model="numpy")(linalg.matmul.py_func)
     shapes = {"mlp": [(128, 64, 32), (128, 32, 10), (32, 128, 10), (128, 10, 32), (64, 128, 32)],
               "mlp-256x256": [(128, 64, 256), (128, 256, 256), (128, 256, 10), (256, 128, 10), (128, 10, 256),
                               (256, 128, 256), (128, 256, 256), (64, 128, 256)]}
@@ -214,18 +225,23 @@ def mlp_products(repeats: int) -> None:
         return best
 
     for problem, products in shapes.items():
-        total = dict.fromkeys(("ordered", "fastmath", "blas"), 0.0)
+        total = dict.fromkeys(("ordered", "tiles", "fused", "blas"), 0.0)
         for m, k, n in products:
             A = rng.standard_normal((m, k)).astype(np.float32)
             B = rng.standard_normal((k, n)).astype(np.float32)
-            acc, out = np.zeros(linalg.ROWS * n, np.float32), np.zeros((m, n))
+            acc, out = linalg.acc_pair(n, False)[0], np.zeros((m, n))
             total["ordered"] += seconds(linalg.matmul, A, B, acc, out, code)
-            total["fastmath"] += seconds(free, A, B, acc, out, code)
+            Ap = np.zeros((-(-m // ROWS) * ROWS, k), np.float32)
+            Bp = np.zeros((k, -(-n // 16) * 16), np.float32)
+            Ap[:m], Bp[:, :n] = A, B
+            padded = np.zeros((Ap.shape[0], Bp.shape[1]))
+            total["tiles"] += seconds(tiles, Ap, Bp, padded, False)
+            total["fused"] += seconds(tiles, Ap, Bp, padded, True)
             total["blas"] += seconds(np.matmul, A, B)
         macs = sum(m * k * n for m, k, n in products)
         print(f"{problem:12s} " + "  ".join(f"{name} {t * 1e6:7.1f} us ({macs / t / 1e9:4.1f} GMAC/s)"
                                             for name, t in total.items())
-              + f"  order costs {total['ordered'] / total['fastmath']:.2f}x")
+              + f"  no-FMA rule costs {total['tiles'] / total['fused']:.2f}x")
 
 
 _MATRIX = """

@@ -295,25 +295,48 @@ def test_accumulation_order_within_gamma_k(compute, accum):
 
 
 @pytest.mark.parametrize("acc_dtype", [np.float32, np.float64])
-def test_four_row_passes_give_the_one_row_bits(acc_dtype):
-    """linalg.matmul's four-row passes (acc >= 4 n) share only the loads of B: every output is still its own sum in
-    ascending k, so the bits equal the one-row kernel's (acc of n) and the ascending reference's, NaN and inf
-    included, for row counts around multiples of four and k around multiples of four and eight."""
+def test_tiles_give_the_one_row_bits(acc_dtype):
+    """linalg.matmul's register tiles (acc >= TILE_ELEMENTS: ROWS rows x 16 float32 or 8 float64 columns, the last
+    part-tile from a zero-padded copy of B) share only the loads of B: every output is still its own sum in
+    ascending k, so the bits equal the one-row kernel's (acc of n, too short for a tile) and the ascending
+    reference's, NaN and inf included, for row counts around multiples of ROWS, column counts around multiples of
+    8 and 16 (whole tiles, part-tiles, both) and k of 1 up to past 32."""
     rng = np.random.default_rng(4)
     code = format_code(BF16)
-    for m, k, n in [(1, 3, 5), (4, 4, 8), (5, 9, 10), (7, 33, 17), (8, 1, 3), (13, 12, 9)]:
+    shapes = [(1, 3, 5), (4, 4, 8), (5, 9, 10), (7, 33, 17), (8, 1, 3), (13, 12, 9), (8, 5, 16), (12, 7, 32),
+              (9, 40, 33), (4, 2, 1), (16, 3, 24)]
+    for m, k, n in shapes:
         A = round_to(rng.standard_normal((m, k)) * 8, BF16).astype(acc_dtype)
         B = round_to(rng.standard_normal((k, n)), BF16).astype(acc_dtype)
-        A[m - 1, 0], B[k - 1, n - 1] = np.inf, np.nan  # a special value in the last four-row block and column
-        one, four = np.empty((m, n)), np.empty((m, n))
+        A[m - 1, 0], B[k - 1, n - 1] = np.inf, np.nan  # a special value in the last row block and column
+        one, tiled = np.empty((m, n)), np.empty((m, n))
+        assert n < linalg.TILE_ELEMENTS  # so that an acc of n takes the one-row path
         with np.errstate(invalid="ignore"):
             linalg.matmul(A, B, np.zeros(n, acc_dtype), one, code)
-            linalg.matmul(A, B, np.zeros(linalg.ROWS * n, acc_dtype), four, code)
+            linalg.matmul(A, B, linalg.acc_pair(n, acc_dtype == np.float64)[acc_dtype == np.float64], tiled, code)
             want = np.zeros((m, n), acc_dtype)
             for kk in range(k):
                 want = want + A[:, kk:kk + 1] * B[kk]
-        assert same_bits(four, one)
-        assert same_bits(four, round_to(want.astype(np.float64), BF16))
+        assert same_bits(tiled, one)
+        assert same_bits(tiled, round_to(want.astype(np.float64), BF16))
+
+
+def test_tile_kernel_is_vector_multiplies_and_adds_without_fma():
+    """The tile's k loop compiles to packed multiplies and adds (the sums in vector registers) and never to an FMA
+    (one rounding fewer would change the bits), for both accumulator types."""
+    from precision.backends.numba_backend.tile import tile
+
+    @numba.njit
+    def one_tile(A, B, out):
+        tile(A, 0, A.shape[1], 1, B, 0, B.shape[1], A.shape[1], out, 0, out.size // 4)
+
+    for dtype, suffix in ((np.float32, "ps"), (np.float64, "pd")):
+        one_tile(np.ones((4, 3), dtype), np.ones((3, 16), dtype), np.zeros(64, dtype))
+    for signature in one_tile.signatures:
+        asm = one_tile.inspect_asm(signature)
+        assert "fmadd" not in asm and "fnmadd" not in asm
+        suffix = "ps" if signature[0].dtype == numba.float32 else "pd"
+        assert re.search(rf"vmul{suffix}\s+%[yz]mm", asm) and re.search(rf"vadd{suffix}\s+%[yz]mm", asm)
 
 
 @numba.njit

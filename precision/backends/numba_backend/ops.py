@@ -29,7 +29,7 @@ from numba.extending import overload
 from .rounding import JIT, TRANSCENDENTAL_FLOAT32, TRANSCENDENTAL_ROUNDED, TRANSCENDENTALS, round64
 
 __all__ = ["exp64", "exp32", "exp64_array", "exp32_array", "tanh64", "tanh64_array", "exp_c", "tanh_c",
-           "tanh_inplace", "sigmoid_inplace"]
+           "tanh_inplace", "exp_inplace", "sigmoid_inplace"]
 
 # exp64's constants. ln 2 split Cody-Waite style (fdlibm's): _LN2_HI has 32 trailing zero bits, so k * _LN2_HI is
 # exact for every |k| <= 1076 and x - k * _LN2_HI is exact (Sterbenz); _LN2_LO carries the next 53 bits.
@@ -201,6 +201,23 @@ def tanh_inplace(A, code):
         for i in range(A.shape[0]):
             for j in range(A.shape[1]):
                 A[i, j] = tanh64(A[i, j])
+
+
+@numba.njit(**JIT)
+def exp_inplace(x, code):
+    """x[i] = exp_c(x[i]) over a 1-D float64 carrier array, the rule picked once outside the loops (as in
+    :func:`tanh_inplace`), so that the loop is branch-free and vectorizes over the whole array (the softmax's
+    logits: a row of K is too short a loop to vectorize)."""
+    kind = code[TRANSCENDENTALS]
+    if kind == TRANSCENDENTAL_FLOAT32:
+        for i in range(x.size):
+            x[i] = np.float64(exp32(np.float32(x[i])))
+    elif kind == TRANSCENDENTAL_ROUNDED:
+        for i in range(x.size):
+            x[i] = round64(exp64(x[i]), code)
+    else:
+        for i in range(x.size):
+            x[i] = exp64(x[i])
 
 
 @numba.njit(**JIT)

@@ -58,7 +58,8 @@ from numba.extending import intrinsic, overload
 from ...errors import SpecError
 from ...formats import MAX_EXACT_EMULATED_PRECISION, Format, get_format
 
-__all__ = ["FormatCode", "format_code", "check_emulated", "static_code", "static_format_name", "rnd", "store", "like",
+__all__ = ["FormatCode", "format_code", "check_emulated", "static_code", "static_format_name", "rnd", "rnd_narrow", "store",
+           "like",
            "round32", "round64",
            "round_array32", "round_array64", "JIT", "TRANSCENDENTALS", "TRANSCENDENTAL_FLOAT32",
            "TRANSCENDENTAL_ROUNDED", "HAS_F16C", "target_has"]
@@ -346,6 +347,27 @@ def _like(x, array):
     def to64(x, array):
         return np.float64(x)
     return to64
+
+
+def rnd_narrow(x, code):
+    """``x`` rounded to ``code``'s format in the narrowest carrier that computes that format's operations exactly:
+    float32 for the static fp32 code (the conversion is the rounding; every + - * / sqrt of two float32 values is
+    then the correctly rounded fp32 result, the same bits as the float64 operation rounded to fp32), else
+    :func:`rnd` in x's own carrier. The update loops start from it, so the pure fp32 policy's update runs on
+    8-lane float32 vectors, float32 division and square root included."""
+    raise NotImplementedError("rnd_narrow is only callable from numba-compiled code")
+
+
+@overload(rnd_narrow, inline="always", jit_options=JIT)
+def _rnd_narrow(x, code):
+    if static_format_name(code) == "fp32":
+        def to32(x, code):
+            return np.float32(x)
+        return to32
+
+    def same_carrier(x, code):
+        return rnd(x, code)
+    return same_carrier
 
 
 def store(x, storage, work):
