@@ -4,8 +4,8 @@ One call is one full step of a "pure" policy (params, state and update all in on
 storage, write p', m', v' to *other* arrays (optax style, out of place), so a timed repeat never reads what the
 previous one wrote. Storage is float64 / float32, or uint16 bit patterns for bf16 and fp16 (:mod:`.storage`),
 decoded to float32, updated with the per-op rounding of :mod:`.update`, re-encoded: one kernel serves every
-width (:func:`.storage.load` / :func:`.storage.save`), each array dtype compiling its own loop. ``cu`` is the update format's
-:func:`.rounding.static_code`, so each format compiles its own loop with its rounding folded in.
+width (:func:`.storage.load` / :func:`.storage.save`), each array dtype compiling its own loop. ``cu`` is the update
+format's :func:`.rounding.static_code`, so each format compiles its own loop with its rounding folded in.
 
 ``adam_step_inplace`` (below) is the in-place variant: p, m, v written back into the arrays read, as the training
 loops and torch.optim do, with its own storage format (bf16 storage with fp32 math: the ``torch-bf16`` update).

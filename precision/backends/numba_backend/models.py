@@ -83,8 +83,8 @@ def make_work(problem: str, batch: int, features: int, classes: int, accum64: bo
     softmax = (np.zeros((b, 1)), pair((b, k), accum64), ones_pair((1, b), accum64))
     if problem == "softmax":
         return (np.zeros((b, k)), pair((d, k), accum64), acc) + softmax
-    return ((np.zeros((b, h)), np.zeros((b, k)), np.zeros((b, h)), pair((b, h), accum64), pair((d, h), accum64), pair((h, k), accum64), pair((k, h), accum64), pair((b, h), accum64), acc)
-            + softmax)
+    return ((np.zeros((b, h)), np.zeros((b, k)), np.zeros((b, h)), pair((b, h), accum64), pair((d, h), accum64),
+             pair((h, k), accum64), pair((k, h), accum64), pair((b, h), accum64), acc) + softmax)
 
 
 @numba.njit(inline="always", **JIT)

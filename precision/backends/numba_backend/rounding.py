@@ -58,9 +58,8 @@ from numba.extending import intrinsic, overload
 from ...errors import SpecError
 from ...formats import MAX_EXACT_EMULATED_PRECISION, Format, get_format
 
-__all__ = ["FormatCode", "format_code", "check_emulated", "static_code", "static_format_name", "rnd", "rnd_narrow", "store",
-           "like",
-           "round32", "round64",
+__all__ = ["FormatCode", "format_code", "check_emulated", "static_code", "static_format_name", "rnd", "rnd_narrow",
+           "store", "like", "round32", "round64",
            "round_array32", "round_array64", "JIT", "TRANSCENDENTALS", "TRANSCENDENTAL_FLOAT32",
            "TRANSCENDENTAL_ROUNDED", "HAS_F16C", "target_has"]
 
