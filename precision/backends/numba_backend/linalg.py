@@ -19,10 +19,10 @@ order by gamma_k = k u_accum.
 Outputs are computed a register tile at a time (:mod:`.tile`: ROWS rows x two vectors of columns, the sums held in
 vector registers across the whole k loop); each lane is one output's own ascending sum, so the tiling changes which
 loads are shared and nothing in any output's sum. Operands are held in the accumulator's dtype (compute-format
-values fit it exactly), so the inner loop runs at that width; outputs are float64 carriers. The policy picks the accumulator at run time,
-so operands and scratch come as (float32, float64) *pairs* of which only the member of the active dtype is used
-(:func:`stage` fills it), and :func:`matmul_acc` calls the float32 or the float64 specialization: both are
-compiled once and shared by every loop and policy.
+values fit it exactly), so the inner loop runs at that width; outputs are float64 carriers. The policy picks the
+accumulator at run time, so operands and scratch come as (float32, float64) *pairs* of which only the member of the
+active dtype is used (:func:`stage` fills it), and :func:`matmul_acc` calls the float32 or the float64
+specialization: both are compiled once and shared by every loop and policy.
 """
 
 from __future__ import annotations
