@@ -32,11 +32,11 @@ import pytest
 
 import precision.backends.numpy_backend as numpy_backend
 from precision.backends import backend_availability, get_backend
-from precision.backends.numba_backend import kernels, linalg
+from precision.backends.numba_backend import kernels, linalg, policy_codes
 from precision.backends.numba_backend.loops import apply_update
 from precision.backends.numba_backend.ops import (exp32_array, exp64_array, exp_c, sigmoid_inplace, tanh64_array,
                                                   tanh_c)
-from precision.backends.numba_backend.rounding import format_code, static_code
+from precision.backends.numba_backend.rounding import format_code, static_code, static_format_name
 from precision.backends.numba_backend.update import optimizer_flags
 from precision.backends.numpy_backend.ops import FormatOps, convert
 from precision.backends.numpy_backend.update import update as numpy_update
@@ -98,16 +98,31 @@ def numpy_step(opt, pol, step, table, w, st, g_compute):
 def test_training_update_is_bit_identical(policy, case):
     """The training loop's update (float64 carriers, formats at run time) against numpy, 4 steps, same
     gradients: weights, optimizer state and params equal bit for bit."""
-    pol, opt = POLICIES[policy], optimizer(case)
+    pol = POLICIES[policy]
+    codes = tuple(format_code(f) for f in (pol.compute, pol.update, pol.weights, pol.state, pol.params))
+    check_update_against_numpy(pol, optimizer(case), codes, np.random.default_rng(len(policy) * 31 + len(case)))
+
+
+@pytest.mark.parametrize("case", OPTIMIZER_CASES)
+def test_pure_fp32_update_in_float32_carrier_is_bit_identical(case):
+    """The pure fp32 policy's loop codes (``policy_codes``: static fp32) run the update in float32 arithmetic
+    (``rounding.rnd_narrow``): every + - * / sqrt of two float32 values is the correctly rounded fp32 result, as the
+    float64 operation rounded once to fp32 is (53 >= 2 * 24 + 2), so the bits must equal numpy's fp32 update,
+    subnormals, overflow to inf and NaN included."""
+    pol = POLICIES["fp32"]
+    codes = policy_codes(pol, "mlp")
+    assert all(static_format_name(numba.typeof(c)) == "fp32" for c in codes)  # the float32-carrier path runs
+    check_update_against_numpy(pol, optimizer(case), codes, np.random.default_rng(len(case)))
+
+
+def check_update_against_numpy(pol, opt, codes, rng):
     n, steps = 3000, 4
-    rng = np.random.default_rng(len(policy) * 31 + len(case))
     w = to_format(hostile(pol.weights, n, rng, 0.5), pol.weights)
     st = [np.zeros(n, pol.state.dtype) for _ in range(state_size(opt))]
     table = scalar_table(opt, steps, pol.update)
     # numba side: float64 carriers
     w64, p64 = w.astype(np.float64), round_to(w.astype(np.float64), pol.params)
     s0, s1 = np.zeros(n), np.zeros(n)
-    codes = tuple(format_code(f) for f in (pol.compute, pol.update, pol.weights, pol.state, pol.params))
     unscale = float(round_to(1.0 / pol.loss_scale, pol.update)) if pol.loss_scale else 1.0
     for step in range(1, steps + 1):
         g64 = hostile(pol.compute, n, rng, 1e-2)
@@ -319,6 +334,31 @@ def test_tiles_give_the_one_row_bits(acc_dtype):
                 want = want + A[:, kk:kk + 1] * B[kk]
         assert same_bits(tiled, one)
         assert same_bits(tiled, round_to(want.astype(np.float64), BF16))
+        # A as the transposed (F-contiguous) view of a C array, read in place by the tiles (linalg.a_operand)
+        from_view = np.empty((m, n))
+        with np.errstate(invalid="ignore"):
+            linalg.matmul(np.ascontiguousarray(A.T).T, B, np.zeros(max(n, linalg.TILE_ELEMENTS), acc_dtype),
+                          from_view, code)
+        assert same_bits(from_view, tiled)
+
+
+@pytest.mark.parametrize("accum", ["fp32", "fp64"])
+def test_softmax_row_sums_are_the_product_with_ones(accum):
+    """The softmax's row sums (``models._row_sums``: a loop in the accumulator's type) give the bits of the product
+    with a column of ones they replace (each 1 * z exact, added in ascending order from +0): -0, subnormals,
+    cancellation and inf included."""
+    from precision.backends.numba_backend.models import _row_sums
+
+    rng = np.random.default_rng(5)
+    Z = round_to(rng.standard_normal((37, 10)) * 4, BF16)
+    Z[0], Z[1, :3], Z[2, 4] = -0.0, [1e30, -1e30, 2.0 ** -130], np.inf
+    code, acc64 = format_code(BF16), accum == "fp64"
+    dtype = np.float64 if acc64 else np.float32
+    sums, product = np.empty((37, 1)), np.empty((37, 1))
+    with np.errstate(invalid="ignore", over="ignore"):
+        numba.njit(lambda Z, sums, code, acc64: _row_sums(Z, sums, code, acc64))(Z, sums, code, acc64)
+        linalg.matmul(Z.astype(dtype), np.ones((10, 1), dtype), np.zeros(linalg.TILE_ELEMENTS, dtype), product, code)
+    assert same_bits(sums, product)
 
 
 def test_tile_kernel_is_vector_multiplies_and_adds_without_fma():
@@ -531,8 +571,7 @@ def test_static_codes_only_for_the_pure_fp32_loops(policy, problem, static):
     """Which runs take the static-code loops (the pinning tests above cover both kinds bit for bit): the pure fp32
     policy of every problem, and nothing else, so the default matrix compiles one extra loop per problem family,
     not one per policy."""
-    from precision.backends.numba_backend import policy_codes
-    from precision.backends.numba_backend.rounding import FormatCode, static_format_name
+    from precision.backends.numba_backend.rounding import FormatCode
     codes = policy_codes(POLICIES[policy], problem)
     assert all(isinstance(c, FormatCode) for c in codes)
     assert [static_format_name(numba.typeof(c)) is not None for c in codes] == [static] * 5
