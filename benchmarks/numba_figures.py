@@ -5,6 +5,7 @@
     NUMBA_NUM_THREADS=1 python benchmarks/numba_figures.py bf16-hardware  # bf16 step with vcvtneps2bf16 (inexact)
     NUMBA_NUM_THREADS=1 python benchmarks/numba_figures.py logreg       # whole-loop logreg, every backend
     NUMBA_NUM_THREADS=1 python benchmarks/numba_figures.py mlp          # whole-loop MLPs, every backend
+    NUMBA_NUM_THREADS=1 python benchmarks/numba_figures.py mlp-ratio    # numba / jax per step on mlp, robustly
     NUMBA_NUM_THREADS=1 python benchmarks/numba_figures.py mlp-products  # what order and no-FMA cost
     python benchmarks/numba_figures.py matrix                           # default matrix: numba's cold/warm share
     python benchmarks/numba_figures.py agreement                        # numba vs numpy, final params
@@ -184,6 +185,39 @@ def mlp(runs: int, policies=("fp32", "bf16-mixed")) -> None:
                 f"{b} {t * 1e6:7.0f} us ({t / best:.2f}x)" for b, t in per_step.items()))
 
 
+def mlp_ratio(rounds: int, problem: str = "mlp", policy: str = "fp32", steps=(100, 400)) -> None:
+    """numba's steady per-step time on ``problem`` (digits, Adam) over JAX's, robust to a shared machine's slow
+    spells: each round runs both backends at ``steps[0]`` and ``steps[1]`` steps back to back, and its ratio is
+    that of the two slopes (time per extra step, so JAX's fixed per-run cost drops out). Prints the median and
+    quartiles of the per-round ratios, the median ratio of the longer runs' own per-step figures (what a run of
+    that length reports), and the slopes from each backend's minima."""
+    import statistics
+
+    import precision
+    from precision.runner import dataset_for, train
+
+    backends = ("numba", "jax")
+    specs = {(b, n): precision.build_specs([problem], ["adam"], [policy], backends=[b], data=["digits"], steps=n,
+                                           record_every=n)[0] for b in backends for n in steps}
+    data = {key: dataset_for(spec) for key, spec in specs.items()}
+    for key, spec in specs.items():
+        train(spec, data[key])  # compile / warm
+    short, long = steps
+    slopes, whole, best = [], [], dict.fromkeys(specs, float("inf"))
+    for _ in range(rounds):
+        seconds = {key: train(spec, data[key]).time_per_step_s * spec.steps for key, spec in specs.items()}
+        best = {key: min(best[key], seconds[key]) for key in specs}
+        slope = {b: (seconds[(b, long)] - seconds[(b, short)]) / (long - short) for b in backends}
+        slopes.append(slope["numba"] / slope["jax"])
+        whole.append(seconds[("numba", long)] / seconds[("jax", long)])
+    quartiles = statistics.quantiles(slopes, n=4)
+    minima = {b: (best[(b, long)] - best[(b, short)]) / (long - short) for b in backends}
+    print(f"{problem} {policy}: numba / jax per extra step, median of {rounds} rounds {statistics.median(slopes):.3f} "
+          f"(quartiles {quartiles[0]:.3f} .. {quartiles[2]:.3f}); {long}-step runs' own figure, median ratio "
+          f"{statistics.median(whole):.3f}; slopes of the minima: numba {minima['numba'] * 1e6:.1f} us, "
+          f"jax {minima['jax'] * 1e6:.1f} us ({minima['numba'] / minima['jax']:.3f})")
+
+
 def mlp_products(repeats: int) -> None:
     """What the fixed order and the no-FMA rule cost in the MLPs' matrix products (fp32, batch 128, every product of
     one step), thread CPU time of 300 calls, the minimum over ``repeats``: the backend's product (``linalg.matmul``,
@@ -304,13 +338,13 @@ def agreement(policies=None) -> None:
               f"max rel_l2 {worst:.2e} = {worst / u:.2f} u_params")
 
 
-_PINNED = ("kernels", "bf16-hardware", "logreg", "mlp", "mlp-products")  # single-core figures
+_PINNED = ("kernels", "bf16-hardware", "logreg", "mlp", "mlp-ratio", "mlp-products")  # single-core figures
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("figure", choices=["kernels", "bf16-hardware", "logreg", "mlp", "mlp-products", "matrix",
-                                           "agreement"])
+    parser.add_argument("figure", choices=["kernels", "bf16-hardware", "logreg", "mlp", "mlp-ratio", "mlp-products",
+                                           "matrix", "agreement"])
     parser.add_argument("--n", type=float, default=1e7, help="parameters per update step (kernels)")
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
@@ -326,6 +360,8 @@ def main() -> None:
         logreg(max(args.repeats // 4, 1))
     elif args.figure == "mlp":
         mlp(max(args.repeats // 4, 1))
+    elif args.figure == "mlp-ratio":
+        mlp_ratio(3 * args.repeats)
     elif args.figure == "mlp-products":
         os.environ["OPENBLAS_NUM_THREADS"] = "1"  # before numpy loads OpenBLAS: the BLAS column is one thread
         mlp_products(max(args.repeats // 3, 1))

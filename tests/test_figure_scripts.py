@@ -82,6 +82,13 @@ def test_mlp_figure(figures, capsys, monkeypatch):
     assert re.search(r"mlp\s+fp32\s+numpy .* us \(\d+\.\d\dx\)\s+numba .* us \(\d+\.\d\dx\)", out), out
 
 
+@pytest.mark.skipif(not backend_availability("jax", "cpu").available, reason="jax not installed")
+def test_mlp_ratio_figure(figures, capsys):
+    figures.mlp_ratio(rounds=2, steps=(2, 4))
+    out = capsys.readouterr().out
+    assert re.search(r"mlp fp32: numba / jax per extra step, median of 2 rounds \S+ \(quartiles", out), out
+
+
 def test_mlp_products_figure(figures, capsys):
     # The tile loop with and without fused multiply-adds on the same padded operands; the figure prints the ratio.
     figures.mlp_products(repeats=1)
