@@ -167,8 +167,12 @@ class NumbaBackend:
             data[:, :features], data[:, features] = X, 1.0
         else:
             data = X
-        X_op, XT_op = _operand(data, accum64), _operand(X.T, accum64)
-        Xb_op, XbT_op = pair((batch, data.shape[1]), accum64), pair((features, batch), accum64)
+        # Transposed copies only for the linear models, whose forward product takes X.T as its right operand; the
+        # classifiers read X transposed in place (models.transposed) and get empty ones (no copy of the data).
+        X_op = _operand(data, accum64)
+        XT_op = _operand(X.T, accum64) if linear else pair((0, 0), accum64)
+        Xb_op = pair((batch, data.shape[1]), accum64)
+        XbT_op = pair((features, batch) if linear else (0, 0), accum64)
         Tb = np.zeros((batch,) + T.shape[1:])
         if len(parts) > 1:
             call = _accumulated_call(spec, dataset, parts, X_op, T, data.shape[1], features, accum64, pc, g,
@@ -221,7 +225,8 @@ def _accumulated_call(spec: RunSpec, dataset: Dataset, parts: tuple, X_op: tuple
     sizes += sizes[-1:] * (2 - len(sizes))  # always two slots (the same numba type for any K); one may repeat
     slots = np.array([[start, stop, sizes.index(stop - start)] for start, stop in parts], dtype=np.int64)
     Xbs = tuple(pair((m, width), accum64) for m in sizes)
-    XbTs = tuple(pair((features, m), accum64) for m in sizes)
+    linear = spec.problem in ("linreg", "logreg")
+    XbTs = tuple(pair((features, m) if linear else (0, 0), accum64) for m in sizes)  # empty: see train
     Tbs = tuple(np.zeros((m,) + T.shape[1:]) for m in sizes)
     works = tuple(make_work(spec.problem, m, features, dataset.classes, accum64) for m in sizes)
     full = dataset.batches is None
@@ -240,7 +245,7 @@ def _accumulated_call(spec: RunSpec, dataset: Dataset, parts: tuple, X_op: tuple
         return ((schedule, full, slots, Xbs, XbTs, Tbs, works, pc, gm, ga, g, accum64, ca, scale, table_rows, w, s0,
                  s1, p, codes) + after_codes)
 
-    if spec.problem in ("linreg", "logreg"):
+    if linear:
         logistic = spec.problem == "logreg"
         return lambda start, stop: run_linear_accum(start, stop, logistic, X_op, T, *common(start, stop))
     loop = run_softmax_accum if spec.problem == "softmax" else run_mlp_accum

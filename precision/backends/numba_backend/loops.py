@@ -345,7 +345,8 @@ def _classifier_batch(step, X, T, batches, Xb, XbT, Tb, accum64):
 @numba.njit(**JIT)
 def run_softmax(start, stop, X, XT, T, batches, Xb, XbT, Tb, pc, g, work, accum64, scale, table, w, s0, s1, p,
                 codes, flags, unscale, s2, rem, ist, fst, skipped):
-    """Steps start+1 .. stop of softmax regression (T: one-hot rows)."""
+    """Steps start+1 .. stop of softmax regression (T: one-hot rows). XT and XbT are empty: the classifiers read X
+    transposed in place (``models.transposed``); they stay in the signature the loops share."""
     base = ist[0]  # applied updates before this chunk: row 0 of a remedy policy's table window
     for step in range(start + 1, stop + 1):
         xb, tb = _classifier_batch(step - start, X, T, batches, Xb, XbT, Tb, accum64)
@@ -361,7 +362,7 @@ def run_softmax(start, stop, X, XT, T, batches, Xb, XbT, Tb, pc, g, work, accum6
 @numba.njit(**JIT)
 def run_mlp(start, stop, X, XT, T, batches, Xb, XbT, Tb, pc, g, work, accum64, scale, table, w, s0, s1, p, codes,
             flags, unscale, s2, rem, ist, fst, skipped):
-    """Steps start+1 .. stop of the one-hidden-layer MLP (T: one-hot rows)."""
+    """Steps start+1 .. stop of the one-hidden-layer MLP (T: one-hot rows); XT and XbT empty (:func:`run_softmax`)."""
     base = ist[0]  # applied updates before this chunk: row 0 of a remedy policy's table window
     for step in range(start + 1, stop + 1):
         xb, tb = _classifier_batch(step - start, X, T, batches, Xb, XbT, Tb, accum64)
@@ -433,7 +434,8 @@ def _classifier_micro_batch(X, T, rows, Xb, XbT, Tb, accum64):
 @numba.njit(**JIT)
 def run_softmax_accum(start, stop, X, T, schedule, full, parts, Xbs, XbTs, Tbs, works, pc, gm, ga, g, accum64, ca,
                       scale, table, w, s0, s1, p, codes, flags, unscale, s2, rem, ist, fst, skipped):
-    """Steps start+1 .. stop of softmax regression with micro-batches (see :func:`run_linear_accum`)."""
+    """Steps start+1 .. stop of softmax regression with micro-batches (see :func:`run_linear_accum`); XbTs empty
+    (:func:`run_softmax`)."""
     base = ist[0]  # applied updates before this chunk: row 0 of a remedy policy's table window
     for step in range(start + 1, stop + 1):
         batch_rows = schedule[0] if full else schedule[step - 1 - start]
@@ -455,7 +457,8 @@ def run_softmax_accum(start, stop, X, T, schedule, full, parts, Xbs, XbTs, Tbs, 
 @numba.njit(**JIT)
 def run_mlp_accum(start, stop, X, T, schedule, full, parts, Xbs, XbTs, Tbs, works, pc, gm, ga, g, accum64, ca,
                   scale, table, w, s0, s1, p, codes, flags, unscale, s2, rem, ist, fst, skipped):
-    """Steps start+1 .. stop of the MLP with micro-batches (see :func:`run_linear_accum`)."""
+    """Steps start+1 .. stop of the MLP with micro-batches (see :func:`run_linear_accum`); XbTs empty
+    (:func:`run_softmax`)."""
     base = ist[0]  # applied updates before this chunk: row 0 of a remedy policy's table window
     for step in range(start + 1, stop + 1):
         batch_rows = schedule[0] if full else schedule[step - 1 - start]
