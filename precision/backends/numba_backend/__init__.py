@@ -8,7 +8,8 @@ dtype for the matrix products); kernels are cached on disk (``cache=True``, with
 :mod:`._cache`). ``compile_s`` is the time of a zero-step call that compiles (or loads from the cache) the loop
 before the timed chunks start. Everything is single-threaded with fixed summation orders: results do not depend on
 the thread count. How it works, and what differs from numpy and why: docs/numba.md. Gradient accumulation
-(``accum_steps`` > 1) runs the ``run_*_accum`` loops, the micro-batch loop compiled inside them (:mod:`.loops`).
+(``accum_steps`` > 1) runs the ``run_*_accum`` loops, the micro-batch loop compiled inside them
+(:mod:`.accum_loops`).
 The remedies (``step_rules.REMEDY_RULES``: stochastic rounding, Kahan updates, dynamic loss scaling) run in the same
 loops, compiled out for a policy without them (:func:`remedy_args`; docs/numba.md, "The remedies").
 """
@@ -29,7 +30,8 @@ from ..base import Availability, ScalerLog, drive_chunks
 from ..step_rules import ScalerState, host_scalars, initial_scaler, micro_batches, moment_format, sr_key
 from ..numpy_backend import targets_for
 from ._cache import drop_stale_caches
-from .loops import run_linear, run_linear_accum, run_mlp, run_mlp_accum, run_softmax, run_softmax_accum
+from .accum_loops import run_linear_accum, run_mlp_accum, run_softmax_accum
+from .loops import run_linear, run_mlp, run_softmax
 from .linalg import pair
 from .models import linear_width, make_work
 from .rounding import format_code, static_code
@@ -217,8 +219,8 @@ class NumbaBackend:
 def _accumulated_call(spec: RunSpec, dataset: Dataset, parts: tuple, X_op: tuple, T: np.ndarray, width: int,
                       features: int, accum64: bool, pc: np.ndarray, g: np.ndarray, before_codes: tuple,
                       after_codes: tuple, chunk):
-    """``call(start, stop)`` running the micro-batch loop of ``spec.problem`` (``loops.run_*_accum``): the step's
-    rows split at ``parts`` (step_rules.micro_batches), scratch arrays for each of the (at most two) micro-batch
+    """``call(start, stop)`` running the micro-batch loop of ``spec.problem`` (``accum_loops.run_*_accum``): the
+    step's rows split at ``parts`` (step_rules.micro_batches), scratch arrays for each of the (at most two) micro-batch
     sizes, the accumulator's format code. Generic format codes only (one compiled loop per problem family)."""
     pol = spec.policy
     sizes = sorted({stop - start for start, stop in parts}, reverse=True)  # array_split: the longer ones first

@@ -16,13 +16,8 @@ here one element at a time:
 
 tests/test_conformance.py checks this loop against ``step_rules.reference_step`` and the shared cases.
 
-Gradient accumulation (``RunSpec.accum_steps`` K > 1, ``step_rules.ACCUMULATION``) has its own loops,
-``run_*_accum``: per step, the K micro-batches of ``parts`` (start, stop, buffer slot) are gathered and their
-gradients computed one after another into ``gm`` by the same gradient functions, summed in order into ``ga`` in the
-accumulator format (``ca``; the sum starts as micro-batch 1's gradient), and ``ga`` is rounded once to C into ``g``;
-the update is the same ``apply_update``. Micro-batches have at most two sizes (array_split's), so their scratch
-arrays come as two slots (``Xbs``, ``XbTs``, ``Tbs``, ``works``: 2-tuples picked by the slot). K = 1 runs the loops
-above, unchanged.
+Gradient accumulation (``RunSpec.accum_steps`` K > 1) has its own loops, :mod:`.accum_loops`, built from the
+pieces here; K = 1 runs the loops of this module.
 
 ``codes`` = (compute, update, weights, state, params), and a sixth, ``moment``, for a policy whose ``u=`` leaves its
 moments in U (``Policy.stores_state_once``): the format a new moment is rounded to inside the update before the rest
@@ -48,8 +43,7 @@ from .rounding import JIT, rnd, rnd_narrow, static_format_name
 from .stochastic import stochastic_round64
 from .update import OPT_ADAM, adam_element, adam_split, row_scalars, sgd_element, sgd_split
 
-__all__ = ["run_linear", "run_softmax", "run_mlp", "apply_update", "apply_remedies", "run_linear_accum",
-           "run_softmax_accum", "run_mlp_accum", "REMEDY_FLAGS"]
+__all__ = ["run_linear", "run_softmax", "run_mlp", "apply_update", "apply_remedies", "REMEDY_FLAGS"]
 
 # ``rem[0]``, the remedies' integer flags (``__init__.remedy_args`` builds them): positions, frozen into the code.
 REMEDY_FLAGS = ("sr_weights", "sr_state", "kahan", "dynamic", "skip", "sr_seed", "sr_offset", "interval")
@@ -332,6 +326,14 @@ def run_linear(start, stop, logistic, X, XT, T, batches, Xb, XbT, Tb, pc, g, wor
 
 
 @numba.njit(inline="always", **JIT)
+def _classifier_micro_batch(X, T, rows, Xb, XbT, Tb, accum64):
+    _gather(X, rows, Xb, XbT, accum64)
+    for i in range(rows.size):
+        for c in range(T.shape[1]):
+            Tb[i, c] = T[rows[i], c]
+
+
+@numba.njit(inline="always", **JIT)
 def _classifier_batch(step, X, T, batches, Xb, XbT, Tb, accum64):
     """The step's (rows, one-hot targets): the whole data for full batch, else gathered into Xb, Tb."""
     if batches.shape[0] == 0:
@@ -368,108 +370,6 @@ def run_mlp(start, stop, X, XT, T, batches, Xb, XbT, Tb, pc, g, work, accum64, s
         _to_compute(p, pc, codes[0])
         seed = step_seed(scale, rem, fst)
         grad_any_mlp(pc, xb, tb, seed, codes[0], accum64, work, g)
-        if not update_step(step, start, table, base, g, w, s0, s1, s2, p, codes, flags, unscale, rem, ist,
-                           fst, skipped):
-            return step
-    return 0
-
-
-# -- gradient accumulation (accum_steps > 1) ------------------------------------------------------------------------
-
-@numba.njit(inline="always", **JIT)
-def _accumulate(k, gm, ga, ca):
-    """Micro-batch k's gradient ``gm`` (C values) into the sum ``ga`` held in the accumulator format ``ca``: the sum
-    starts as micro-batch 0's gradient (exact: A is at least as wide as C); each later addition is rounded to A (a
-    float64 sum of two fp32 values rounded to fp32 is the fp32 sum: 53 >= 2 * 24 + 2)."""
-    if k == 0:
-        for j in range(gm.size):
-            ga[j] = gm[j]
-    else:
-        for j in range(gm.size):
-            ga[j] = rnd(ga[j] + gm[j], ca)
-
-
-@numba.njit(inline="always", **JIT)
-def _round_sum(ga, g, cc):
-    for j in range(g.size):
-        g[j] = rnd(ga[j], cc)
-
-
-@numba.njit(**JIT)
-def run_linear_accum(start, stop, logistic, X, T, schedule, full, parts, Xbs, XbTs, Tbs, works, pc, gm, ga, g,
-                     accum64, ca, scale, table, w, s0, s1, p, codes, flags, unscale, s2, rem, ist, fst, skipped):
-    """Steps start+1 .. stop of linreg / logreg with K = parts.shape[0] micro-batches per step. ``schedule``: the
-    chunk's rows (stop - start, B), or (1, n) with ``full`` (the full batch, row i at position i); ``parts`` (K, 3):
-    start, stop within the step's rows and the scratch slot (0 or 1) of each micro-batch."""
-    base = ist[0]  # applied updates before this chunk: row 0 of a remedy policy's table window
-    for step in range(start + 1, stop + 1):
-        batch_rows = schedule[0] if full else schedule[step - 1 - start]
-        _to_compute(p, pc, codes[0])
-        seed = step_seed(scale, rem, fst)
-        for k in range(parts.shape[0]):
-            slot = parts[k, 2]
-            rows = batch_rows[parts[k, 0]:parts[k, 1]]
-            Xb, XbT, Tb = Xbs[slot], XbTs[slot], Tbs[slot]
-            _gather(X, rows, Xb, XbT, accum64)
-            for i in range(rows.size):
-                Tb[i] = T[rows[i]]
-            grad_linear(logistic, pc, Xb, XbT, Tb, seed, codes[0], accum64, works[slot], gm)
-            _accumulate(k, gm, ga, ca)
-        _round_sum(ga, g, codes[0])
-        if not update_step(step, start, table, base, g, w, s0, s1, s2, p, codes, flags, unscale, rem, ist,
-                           fst, skipped):
-            return step
-    return 0
-
-
-@numba.njit(inline="always", **JIT)
-def _classifier_micro_batch(X, T, rows, Xb, XbT, Tb, accum64):
-    _gather(X, rows, Xb, XbT, accum64)
-    for i in range(rows.size):
-        for c in range(T.shape[1]):
-            Tb[i, c] = T[rows[i], c]
-
-
-@numba.njit(**JIT)
-def run_softmax_accum(start, stop, X, T, schedule, full, parts, Xbs, XbTs, Tbs, works, pc, gm, ga, g, accum64, ca,
-                      scale, table, w, s0, s1, p, codes, flags, unscale, s2, rem, ist, fst, skipped):
-    """Steps start+1 .. stop of softmax regression with micro-batches (see :func:`run_linear_accum`); XbTs empty
-    (:func:`run_softmax`)."""
-    base = ist[0]  # applied updates before this chunk: row 0 of a remedy policy's table window
-    for step in range(start + 1, stop + 1):
-        batch_rows = schedule[0] if full else schedule[step - 1 - start]
-        _to_compute(p, pc, codes[0])
-        seed = step_seed(scale, rem, fst)
-        for k in range(parts.shape[0]):
-            slot = parts[k, 2]
-            Xb, XbT, Tb = Xbs[slot], XbTs[slot], Tbs[slot]
-            _classifier_micro_batch(X, T, batch_rows[parts[k, 0]:parts[k, 1]], Xb, XbT, Tb, accum64)
-            grad_softmax(pc, Xb, Tb, seed, codes[0], accum64, works[slot], gm)
-            _accumulate(k, gm, ga, ca)
-        _round_sum(ga, g, codes[0])
-        if not update_step(step, start, table, base, g, w, s0, s1, s2, p, codes, flags, unscale, rem, ist,
-                           fst, skipped):
-            return step
-    return 0
-
-
-@numba.njit(**JIT)
-def run_mlp_accum(start, stop, X, T, schedule, full, parts, Xbs, XbTs, Tbs, works, pc, gm, ga, g, accum64, ca,
-                  scale, table, w, s0, s1, p, codes, flags, unscale, s2, rem, ist, fst, skipped):
-    """Steps start+1 .. stop of the MLP with micro-batches (see :func:`run_linear_accum`); XbTs empty
-    (:func:`run_softmax`)."""
-    base = ist[0]  # applied updates before this chunk: row 0 of a remedy policy's table window
-    for step in range(start + 1, stop + 1):
-        batch_rows = schedule[0] if full else schedule[step - 1 - start]
-        _to_compute(p, pc, codes[0])
-        seed = step_seed(scale, rem, fst)
-        for k in range(parts.shape[0]):
-            slot = parts[k, 2]
-            Xb, XbT, Tb = Xbs[slot], XbTs[slot], Tbs[slot]
-            _classifier_micro_batch(X, T, batch_rows[parts[k, 0]:parts[k, 1]], Xb, XbT, Tb, accum64)
-            grad_any_mlp(pc, Xb, Tb, seed, codes[0], accum64, works[slot], gm)
-            _accumulate(k, gm, ga, ca)
-        _round_sum(ga, g, codes[0])
         if not update_step(step, start, table, base, g, w, s0, s1, s2, p, codes, flags, unscale, rem, ist,
                            fst, skipped):
             return step
